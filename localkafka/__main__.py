@@ -1,0 +1,5 @@
+import sys
+
+from localkafka.launcher import main
+
+sys.exit(main())

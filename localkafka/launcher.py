@@ -1,0 +1,325 @@
+"""Run a real single-node Apache Kafka broker (KRaft) from Maven Central jars, for development.
+
+No Docker engine is needed: Maven resolves the broker from ``pom.xml`` beside this file into a
+git-ignored cache, and the broker runs on the local JVM bound to 127.0.0.1. Standard library only,
+so it works before the project's virtualenv exists.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+CACHE = Path(os.environ.get("LOCALKAFKA_CACHE", REPO / ".cache" / "kafka"))
+POM = HERE / "pom.xml"
+DEFAULT_PORT = 19092
+HOST = "127.0.0.1"
+
+
+class LauncherError(RuntimeError):
+    """The local broker could not be fetched, started or stopped; the message says why."""
+
+
+@dataclass(frozen=True)
+class Broker:
+    port: int
+    pid: int
+    run_dir: Path
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"{HOST}:{self.port}"
+
+
+def kafka_version() -> str:
+    text = POM.read_text()
+    start = text.index("<kafka.version>") + len("<kafka.version>")
+    return text[start : text.index("</kafka.version>", start)]
+
+
+def lib_dir() -> Path:
+    return CACHE / f"lib-{kafka_version()}"
+
+
+def fetch(*, quiet: bool = True) -> Path:
+    """Resolve the broker's jars with Maven into the cache, once; return the folder."""
+    target = lib_dir()
+    marker = target / ".complete"
+    if marker.exists():
+        return target
+    if shutil.which("mvn") is None:
+        raise LauncherError("Maven (mvn) is not on PATH; it is needed once to resolve the Kafka jars")
+    if shutil.which("java") is None:
+        raise LauncherError("java is not on PATH; the local Kafka broker runs on the JVM (17+)")
+    shutil.rmtree(target, ignore_errors=True)
+    cmd = [
+        "mvn",
+        "-B",
+        *(["-q"] if quiet else []),
+        "-f",
+        str(POM),
+        "dependency:copy-dependencies",
+        f"-DoutputDirectory={target}",
+        "-DincludeScope=runtime",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise LauncherError(f"Maven could not resolve Kafka {kafka_version()}:\n{proc.stdout[-4000:]}{proc.stderr[-2000:]}")
+    marker.write_text(kafka_version())
+    return target
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _cluster_id() -> str:
+    # Kafka's Uuid string form: 16 random bytes, URL-safe base64 without padding.
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+def _run_dir(port: int) -> Path:
+    return CACHE / f"run-{port}"
+
+
+def _properties(port: int, controller_port: int, data_dir: Path) -> str:
+    settings = {
+        "process.roles": "broker,controller",
+        "node.id": "1",
+        "controller.quorum.voters": f"1@{HOST}:{controller_port}",
+        "listeners": f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}",
+        "advertised.listeners": f"PLAINTEXT://{HOST}:{port}",
+        "controller.listener.names": "CONTROLLER",
+        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "log.dirs": str(data_dir),
+        # Topics are created by the software with the right settings; an auto-created topic hides a bug.
+        "auto.create.topics.enable": "false",
+        "num.partitions": "1",
+        "offsets.topic.replication.factor": "1",
+        "offsets.topic.num.partitions": "8",
+        "transaction.state.log.replication.factor": "1",
+        "transaction.state.log.min.isr": "1",
+        "share.coordinator.state.topic.replication.factor": "1",
+        "share.coordinator.state.topic.min.isr": "1",
+        "group.initial.rebalance.delay.ms": "0",
+        "log.cleaner.backoff.ms": "1000",
+    }
+    return "".join(f"{k}={v}\n" for k, v in settings.items())
+
+
+_LOG4J = """\
+rootLogger.level=WARN
+rootLogger.appenderRef.out.ref=OUT
+appender.out.type=Console
+appender.out.name=OUT
+appender.out.layout.type=PatternLayout
+appender.out.layout.pattern=[%d] %p %m (%c)%n
+logger.kafka.name=kafka
+logger.kafka.level=WARN
+logger.started.name=kafka.server.KafkaRaftServer
+logger.started.level=INFO
+"""
+
+
+def _java(libs: Path, log4j: Path, heap: str) -> list[str]:
+    return [
+        "java",
+        f"-Xmx{heap}",
+        "-Xms128m",
+        "-XX:+UseG1GC",
+        "-Djava.awt.headless=true",
+        f"-Dlog4j2.configurationFile={log4j}",
+        "-cp",
+        f"{libs}/*",
+    ]
+
+
+def metadata_ready(port: int, timeout: float = 2.0) -> bool:
+    """True when the broker answers a Metadata request naming at least one live broker."""
+    # Metadata v4 (non-flexible): client id header, all topics (-1), no auto-creation.
+    header = struct.pack(">hhih", 3, 4, 7, len(b"localkafka")) + b"localkafka"
+    body = struct.pack(">ib", -1, 0)
+    request = struct.pack(">i", len(header) + len(body)) + header + body
+    try:
+        with socket.create_connection((HOST, port), timeout=timeout) as s:
+            s.sendall(request)
+            size = struct.unpack(">i", _recv_exact(s, 4))[0]
+            payload = _recv_exact(s, size)
+    except OSError:
+        return False
+    correlation_id, _throttle, broker_count = struct.unpack(">iii", payload[:12])
+    return correlation_id == 7 and broker_count >= 1
+
+
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise OSError("connection closed")
+        buf += chunk
+    return buf
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child counts as dead: reap it if it is ours.
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+def running(port: int = DEFAULT_PORT) -> Broker | None:
+    run_dir = _run_dir(port)
+    pid_file = run_dir / "broker.pid"
+    if not pid_file.exists():
+        return None
+    pid = int(pid_file.read_text().strip() or 0)
+    return Broker(port, pid, run_dir) if pid and _pid_alive(pid) else None
+
+
+def start(port: int | None = DEFAULT_PORT, *, heap: str = "768m", timeout: float = 90.0, fresh: bool = True) -> Broker:
+    """Start a broker on 127.0.0.1:port (a free port when None); return once it answers metadata.
+
+    With ``fresh=False`` an existing log directory for that port is kept, so a stopped broker can
+    be restarted with its data (used by tests that take the broker away and bring it back).
+    """
+    port = port or _free_port()
+    existing = running(port)
+    if existing:
+        return existing
+    libs = fetch()
+    run_dir = _run_dir(port)
+    data_dir = run_dir / "data"
+    if fresh:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    props = run_dir / "server.properties"
+    log4j = run_dir / "log4j2.properties"
+    controller_port_file = run_dir / "controller.port"
+    if controller_port_file.exists():
+        controller_port = int(controller_port_file.read_text())
+    else:
+        controller_port = _free_port()
+        controller_port_file.write_text(str(controller_port))
+    props.write_text(_properties(port, controller_port, data_dir))
+    log4j.write_text(_LOG4J)
+    java = _java(libs, log4j, heap)
+    if not (data_dir / "meta.properties").exists():
+        fmt = subprocess.run(
+            [*java, "kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(props)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if fmt.returncode != 0:
+            raise LauncherError(f"formatting the KRaft log directory failed:\n{fmt.stdout}{fmt.stderr}")
+    log_path = run_dir / "broker.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [*java, "kafka.Kafka", str(props)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    (run_dir / "broker.pid").write_text(str(proc.pid))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise LauncherError(f"the broker exited with {proc.returncode}; log tail:\n{_tail(log_path)}")
+        if metadata_ready(port):
+            return Broker(port, proc.pid, run_dir)
+        time.sleep(0.2)
+    _terminate(proc.pid)
+    raise LauncherError(f"the broker did not answer metadata within {timeout:.0f}s; log tail:\n{_tail(log_path)}")
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _terminate(pid: int, grace: float = 20.0) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not _pid_alive(pid):
+            return
+        time.sleep(0.1)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    while _pid_alive(pid):
+        time.sleep(0.05)
+
+
+def stop(port: int = DEFAULT_PORT, *, clean: bool = True) -> bool:
+    """Stop the broker on ``port`` by its pid; with ``clean`` remove its data. True if one ran."""
+    broker = running(port)
+    if broker:
+        _terminate(broker.pid)
+    run_dir = _run_dir(port)
+    if clean:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    else:
+        (run_dir / "broker.pid").unlink(missing_ok=True)
+    return broker is not None
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m localkafka",
+        description="Start and stop a single-node Apache Kafka broker (KRaft) on 127.0.0.1, from Maven Central jars.",
+    )
+    parser.add_argument("command", choices=["up", "down", "status", "fetch"])
+    parser.add_argument("--port", type=int, default=int(os.environ.get("LOCALKAFKA_PORT", DEFAULT_PORT)))
+    parser.add_argument("--keep-data", action="store_true", help="down: keep the log directory")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "fetch":
+            print(fetch(quiet=False))
+        elif args.command == "up":
+            broker = start(args.port, fresh=False)
+            print(broker.bootstrap_servers)
+        elif args.command == "down":
+            was = stop(args.port, clean=not args.keep_data)
+            print("stopped" if was else "not running")
+        else:
+            broker = running(args.port)
+            print(f"running at {broker.bootstrap_servers} (pid {broker.pid})" if broker else "not running")
+            return 0 if broker else 1
+    except LauncherError as exc:
+        print(f"localkafka: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,26 @@
+"""Bounded field types shared by the models: hostile input must fail validation, not grow memory."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import AfterValidator, AwareDatetime, Field
+
+# One LLM call above this is a bug or an attack, not usage: it is dead-lettered, never summed.
+MAX_TOKENS_PER_EVENT = 100_000_000
+MAX_LIMIT_TOKENS = 10**15
+
+
+def _printable(value: str) -> str:
+    if not value.isprintable():
+        raise ValueError("must not contain control characters")
+    return value
+
+
+Identifier = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_printable)]
+ShortText = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_printable)]
+TokenCount = Annotated[int, Field(ge=0, le=MAX_TOKENS_PER_EVENT)]
+LimitTokens = Annotated[int, Field(ge=0, le=MAX_LIMIT_TOKENS)]
+Offset = Annotated[int, Field(ge=-1)]
+Partition = Annotated[int, Field(ge=0)]
+Timestamp = AwareDatetime

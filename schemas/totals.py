@@ -1,0 +1,30 @@
+"""The aggregator's changelog record: exact totals of one tenant-period and how far they reach."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas._types import Identifier, LimitTokens, Offset, Partition, Timestamp
+from schemas.notices import QuotaState
+
+
+class TotalsRecord(BaseModel):
+    """Totals that include every usage record of ``usage_partition`` up to ``applied_offset``.
+
+    Written to the totals topic in the same partition number as the usage it sums, so a restore
+    after a crash or a rebalance reads exactly the partitions it was assigned.
+    """
+
+    model_config = ConfigDict(frozen=True, strict=True, extra="ignore")
+
+    tenant_id: Identifier
+    period_key: Annotated[str, Field(min_length=1, max_length=64)]
+    used_tokens: Annotated[int, Field(ge=0)]
+    event_count: Annotated[int, Field(ge=0)]
+    limit_tokens: LimitTokens
+    state: QuotaState
+    usage_partition: Partition
+    applied_offset: Offset
+    updated_at: Timestamp

@@ -1,0 +1,86 @@
+"""Bytes <-> models, and the record keys; the one place that knows the wire format.
+
+Values are compact JSON produced and parsed by pydantic's Rust core. Keys that join two fields are
+JSON arrays, so a tenant id containing any separator cannot collide with another tenant's key.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from schemas.errors import DecodeError
+from schemas.limits import QuotaLimit
+from schemas.notices import NOTICE_MESSAGE, Heartbeat, QuotaNotice
+from schemas.totals import TotalsRecord
+from schemas.usage import UsageEvent
+
+M = TypeVar("M", bound=BaseModel)
+
+# A record larger than this is not a usage event; refuse it before parsing.
+MAX_RECORD_BYTES = 64 * 1024
+
+
+def encode(model: BaseModel) -> bytes:
+    return model.__pydantic_serializer__.to_json(model)
+
+
+def _decode(adapter: Any, data: bytes | None, what: str) -> Any:
+    if data is None:
+        raise DecodeError("empty_value", f"{what} record has no value")
+    if len(data) > MAX_RECORD_BYTES:
+        raise DecodeError("oversized", f"{what} record of {len(data)} bytes exceeds {MAX_RECORD_BYTES}")
+    try:
+        return adapter.validate_json(data)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        first = errors[0] if errors else {"type": "invalid", "loc": (), "msg": str(exc)}
+        if first["type"] == "json_invalid":
+            raise DecodeError("invalid_json", first["msg"]) from None
+        location = ".".join(str(part) for part in first["loc"]) or what
+        raise DecodeError("invalid_schema", f"{location}: {first['msg']}") from None
+
+
+_USAGE = TypeAdapter(UsageEvent)
+_TOTALS = TypeAdapter(TotalsRecord)
+_LIMIT = TypeAdapter(QuotaLimit)
+
+
+def decode_usage(data: bytes | None) -> UsageEvent:
+    return _decode(_USAGE, data, "usage")  # type: ignore[no-any-return]
+
+
+def decode_totals(data: bytes | None) -> TotalsRecord:
+    return _decode(_TOTALS, data, "totals")  # type: ignore[no-any-return]
+
+
+def decode_limit(data: bytes | None) -> QuotaLimit:
+    return _decode(_LIMIT, data, "limit")  # type: ignore[no-any-return]
+
+
+def decode_notice(data: bytes | None) -> QuotaNotice | Heartbeat:
+    return _decode(NOTICE_MESSAGE, data, "notice")  # type: ignore[no-any-return]
+
+
+def _pack(*parts: str | int) -> bytes:
+    return json.dumps(parts, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def usage_key(tenant_id: str) -> bytes:
+    return tenant_id.encode()
+
+
+def tenant_period_key(tenant_id: str, period_key: str) -> bytes:
+    """Key of the totals and notices records of one tenant-period."""
+    return _pack(tenant_id, period_key)
+
+
+def heartbeat_key(usage_partition: int) -> bytes:
+    # A tenant-period key is two strings; an int second element can never collide with one.
+    return _pack("heartbeat", usage_partition)
+
+
+def limit_key(tenant_id: str | None) -> bytes:
+    return _pack("default") if tenant_id is None else _pack("tenant", tenant_id)
