@@ -3,7 +3,7 @@
 from schemas.errors import DecodeError, SchemaError
 from schemas.limits import QuotaLimit
 from schemas.notices import Heartbeat, QuotaNotice, QuotaState
-from schemas.topics import DEFAULT_PREFIX, TopicNames, TopicSpec
+from schemas.topics import DEFAULT_PREFIX, TopicLayout, TopicSpec
 from schemas.totals import TotalsRecord
 from schemas.usage import USAGE_SCHEMA_VERSION, UsageEvent
 
@@ -16,7 +16,7 @@ __all__ = [
     "QuotaNotice",
     "QuotaState",
     "SchemaError",
-    "TopicNames",
+    "TopicLayout",
     "TopicSpec",
     "TotalsRecord",
     "UsageEvent",

@@ -1,0 +1,113 @@
+"""Configuration: one typed object per component, read from the environment only at the edge."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from pydantic import SecretStr
+
+from schemas.topics import DEFAULT_PREFIX, TopicLayout
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+
+
+@dataclass(frozen=True)
+class KafkaConnection:
+    """How every Kafka client of ours connects. Secrets are ``SecretStr``: they never print."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_password: SecretStr | None = None
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments shared by aiokafka's producer, consumer and admin client."""
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "security_protocol": self.security_protocol,
+        }
+        if "SSL" in self.security_protocol:
+            from aiokafka.helpers import create_ssl_context
+
+            kwargs["ssl_context"] = create_ssl_context(
+                cafile=self.ssl_cafile,
+                certfile=self.ssl_certfile,
+                keyfile=self.ssl_keyfile,
+                password=self.ssl_password.get_secret_value() if self.ssl_password else None,
+            )
+        if self.security_protocol.startswith("SASL"):
+            kwargs["sasl_mechanism"] = self.sasl_mechanism or "PLAIN"
+            kwargs["sasl_plain_username"] = self.sasl_username
+            kwargs["sasl_plain_password"] = self.sasl_password.get_secret_value() if self.sasl_password else None
+        return kwargs
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> KafkaConnection:
+        """``KAFKA_BOOTSTRAP_SERVERS``, ``KAFKA_SECURITY_PROTOCOL``, ``KAFKA_SASL_*``, ``KAFKA_SSL_*``."""
+        env = os.environ if env is None else env
+
+        def secret(name: str) -> SecretStr | None:
+            value = env.get(name)
+            return SecretStr(value) if value else None
+
+        return cls(
+            bootstrap_servers=env.get("KAFKA_BOOTSTRAP_SERVERS", cls.bootstrap_servers),
+            security_protocol=env.get("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT").upper(),  # type: ignore[arg-type]
+            sasl_mechanism=env.get("KAFKA_SASL_MECHANISM") or None,
+            sasl_username=env.get("KAFKA_SASL_USERNAME") or None,
+            sasl_password=secret("KAFKA_SASL_PASSWORD"),
+            ssl_cafile=env.get("KAFKA_SSL_CAFILE") or None,
+            ssl_certfile=env.get("KAFKA_SSL_CERTFILE") or None,
+            ssl_keyfile=env.get("KAFKA_SSL_KEYFILE") or None,
+            ssl_password=secret("KAFKA_SSL_PASSWORD"),
+        )
+
+
+def default_instance_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class ProducerConfig:
+    """Settings of the Kafka side of the middleware: publisher and notices feed."""
+
+    connection: KafkaConnection = field(default_factory=KafkaConnection)
+    topics: TopicLayout = field(default_factory=TopicLayout)
+    instance_id: str = field(default_factory=default_instance_id)
+    # Events waiting for the background sender; past this, publish() counts an overflow loudly.
+    queue_max: int = 200_000
+    # Events taken from the queue per round trip to the broker.
+    batch_max: int = 10_000
+    linger_ms: int = 5
+    # Off for Kafka-compatible services without idempotent producers (Azure Event Hubs).
+    idempotence: bool = True
+    create_topics: bool = True
+    # How long start() waits for the notices topic to be read to its end.
+    catch_up_timeout_s: float = 15.0
+
+    def with_bootstrap(self, bootstrap_servers: str) -> ProducerConfig:
+        return replace(self, connection=replace(self.connection, bootstrap_servers=bootstrap_servers))
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ProducerConfig:
+        """``KAFKA_*`` for the connection, ``TOKENGUARD_TOPIC_PREFIX``, ``TOKENGUARD_PARTITIONS``,
+        ``TOKENGUARD_INSTANCE_ID``, ``TOKENGUARD_IDEMPOTENCE`` (true/false)."""
+        env = os.environ if env is None else env
+        return cls(
+            connection=KafkaConnection.from_env(env),
+            topics=TopicLayout(
+                prefix=env.get("TOKENGUARD_TOPIC_PREFIX", DEFAULT_PREFIX),
+                partitions=int(env.get("TOKENGUARD_PARTITIONS", TopicLayout.partitions)),
+            ),
+            instance_id=env.get("TOKENGUARD_INSTANCE_ID") or default_instance_id(),
+            idempotence=env.get("TOKENGUARD_IDEMPOTENCE", "true").lower() not in ("0", "false", "no"),
+        )

@@ -1,0 +1,18 @@
+"""Errors of the producer package: one root, flat subclasses."""
+
+from __future__ import annotations
+
+
+class TokenGuardError(Exception):
+    """Root of every error this package raises on purpose."""
+
+
+class QuotaExceededError(TokenGuardError, RuntimeError):
+    """Raised before the LLM is called when the tenant's quota for the period is used up.
+
+    A ``RuntimeError`` too, as in the seed, so existing ``except RuntimeError`` code keeps working.
+    """
+
+
+class PublisherError(TokenGuardError):
+    """The usage publisher was used outside its lifecycle (not started, or stopped)."""

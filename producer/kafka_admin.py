@@ -1,0 +1,66 @@
+"""Create the deployment's topics when missing and check them when present (admin client, thin)."""
+
+from __future__ import annotations
+
+import logging
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+from producer.config import KafkaConnection
+from producer.errors import TokenGuardError
+from schemas.topics import TopicLayout
+
+log = logging.getLogger(__name__)
+
+_ALREADY_EXISTS = 36
+
+
+class TopicMismatchError(TokenGuardError):
+    """An existing topic has settings this software cannot work with (partitions, cleanup policy)."""
+
+
+async def ensure_topics(connection: KafkaConnection, layout: TopicLayout) -> dict[str, int]:
+    """Create missing topics, verify existing ones; return partitions per topic name.
+
+    Safe to run from many processes at once: a topic created by another process in between is
+    accepted, then checked like any existing one.
+    """
+    admin = AIOKafkaAdminClient(**connection.client_kwargs(), client_id="tokenguard-admin")
+    await admin.start()
+    try:
+        specs = layout.specs()
+        existing = set(await admin.list_topics())
+        missing = [spec for spec in specs if spec.name not in existing]
+        if missing:
+            response = await admin.create_topics(
+                [NewTopic(s.name, s.partitions, layout.replication_factor, topic_configs=s.configs) for s in missing]
+            )
+            for name, code, message in response.topic_errors:
+                if code not in (0, _ALREADY_EXISTS):
+                    raise TopicMismatchError(f"creating topic {name!r} failed: error {code}: {message}")
+            log.info("created topics %s", ", ".join(s.name for s in missing))
+        described = await admin.describe_topics([s.name for s in specs])
+        partitions = {d["topic"]: len(d["partitions"]) for d in described if d["error_code"] == 0}
+        configs = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, s.name) for s in specs])
+    finally:
+        await admin.close()
+    policies = {
+        resource[3]: {entry[0]: entry[1] for entry in resource[4]}.get("cleanup.policy")
+        for response in configs
+        for resource in response.resources
+    }
+    for spec in specs:
+        if spec.name not in partitions:
+            raise TopicMismatchError(f"topic {spec.name!r} is not available")
+        wanted = spec.configs["cleanup.policy"]
+        if policies.get(spec.name) != wanted:
+            raise TopicMismatchError(
+                f"topic {spec.name!r} has cleanup.policy={policies.get(spec.name)!r}; it needs {wanted!r}"
+            )
+    if partitions[layout.usage] != partitions[layout.totals]:
+        raise TopicMismatchError(
+            f"{layout.totals!r} has {partitions[layout.totals]} partitions but {layout.usage!r} has "
+            f"{partitions[layout.usage]}: the totals changelog must be co-partitioned with usage"
+        )
+    return partitions

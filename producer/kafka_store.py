@@ -1,0 +1,112 @@
+"""The Kafka mode of the middleware: a quota store whose totals live in the aggregator.
+
+Pass it where the seed took a ``QuotaStore``::
+
+    async with KafkaQuotaStore(ProducerConfig.from_env()) as store:
+        middleware = TokenGuardMiddleware(quota_store=store, quota_tokens=50_000)
+
+Decisions come from the local snapshot (no network per call); each finished call becomes one
+``UsageEvent`` queued for the background publisher.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from producer.config import ProducerConfig
+from producer.kafka_admin import ensure_topics
+from producer.notices_feed import NoticesFeed
+from producer.publisher import UsagePublisher
+from producer.snapshot import QuotaSnapshot
+from producer.store import CallUsage, Decision
+from schemas.usage import USAGE_SCHEMA_VERSION, UsageEvent
+
+log = logging.getLogger(__name__)
+
+
+class KafkaQuotaStore:
+    """Publisher + notices feed + snapshot, with one lifecycle. Implements ``QuotaBackend``."""
+
+    def __init__(self, config: ProducerConfig, *, attributes: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.snapshot = QuotaSnapshot()
+        self.publisher = UsagePublisher(config, on_delivered=self._delivered)
+        self.feed = NoticesFeed(config, self.snapshot)
+        self._attributes = dict(attributes or {})
+        self._started = False
+        self._valid_keys: set[tuple[str, str]] = set()
+
+    def __repr__(self) -> str:
+        return f"KafkaQuotaStore(bootstrap={self.config.connection.bootstrap_servers!r}, instance={self.config.instance_id!r})"
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        if self.config.create_topics:
+            await ensure_topics(self.config.connection, self.config.topics)
+        await self.publisher.start()
+        try:
+            await self.feed.start()
+        except BaseException:
+            await self.publisher.stop()
+            raise
+        self._started = True
+
+    async def stop(self) -> None:
+        """Deliver queued usage, then close. Idempotent."""
+        if not self._started:
+            return
+        self._started = False
+        await self.publisher.stop()
+        await self.feed.stop()
+
+    async def __aenter__(self) -> KafkaQuotaStore:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def check(self, tenant_id: str, period_key: str, quota_tokens: int) -> Decision:
+        if (tenant_id, period_key) not in self._valid_keys:
+            self._validate_key(tenant_id, period_key)
+        return self.snapshot.decide(tenant_id, period_key, quota_tokens)
+
+    def _validate_key(self, tenant_id: str, period_key: str) -> None:
+        """Refuse, before the LLM is called, ids the aggregator would dead-letter."""
+        for name, value, longest in (("tenant id", tenant_id, 256), ("period key", period_key, 64)):
+            if not isinstance(value, str) or not 0 < len(value) <= longest or not value.isprintable():
+                raise ValueError(f"{name} must be 1 to {longest} printable characters, got {value!r:.80}")
+        if len(self._valid_keys) > 100_000:
+            self._valid_keys.clear()
+        self._valid_keys.add((tenant_id, period_key))
+
+    def record(self, usage: CallUsage) -> int:
+        # model_construct: these values come from our own code, already bounded; the aggregator
+        # validates every event again, so a bug here becomes a dead letter, not a wrong total.
+        event = UsageEvent.model_construct(
+            event_id=uuid.uuid4().hex,
+            schema_version=USAGE_SCHEMA_VERSION,
+            tenant_id=usage.tenant_id,
+            period_key=usage.period_key,
+            model=usage.model,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            total_tokens=usage.total_tokens,
+            cache_creation_input_tokens=usage.cache_creation_input_tokens,
+            cache_read_input_tokens=usage.cache_read_input_tokens,
+            reasoning_output_tokens=usage.reasoning_output_tokens,
+            quota_tokens=usage.quota_tokens,
+            event_time=usage.event_time,
+            streaming=usage.streaming,
+            estimated=False,
+            instance_id=self.config.instance_id,
+            attributes=self._attributes,
+        )
+        self.snapshot.add_local(usage.tenant_id, usage.period_key, usage.total_tokens)
+        self.publisher.publish(event)
+        return self.snapshot.used(usage.tenant_id, usage.period_key)
+
+    def _delivered(self, event: UsageEvent, partition: int, offset: int) -> None:
+        self.snapshot.acknowledged(event.tenant_id, event.period_key, event.total_tokens, partition, offset)

@@ -1,0 +1,123 @@
+"""The local quota snapshot: the decision every call makes without touching the network.
+
+Per (tenant, period) it holds the aggregator's last notice and this process's own spend that the
+notice does not include yet: events not yet acknowledged by Kafka, and events acknowledged at an
+offset above the one the notice covers. A call is blocked when the notice says ``exceeded`` or when
+``notice.used + local spend >= limit``: one instance stops itself as soon as its own view crosses,
+and the aggregator's notice stops all the others. Pure logic, no I/O.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from producer.store import Decision
+from schemas.notices import Heartbeat, QuotaNotice
+
+
+@dataclass(slots=True)
+class _Entry:
+    notice: QuotaNotice | None = None
+    unacked: int = 0
+    acked: deque[tuple[int, int, int]] = field(default_factory=deque)  # (partition, offset, tokens)
+    acked_tokens: int = 0
+
+    def local(self) -> int:
+        return self.unacked + self.acked_tokens
+
+    def forget_covered(self) -> None:
+        """Drop acknowledged spend that the notice already counts."""
+        notice = self.notice
+        if notice is None:
+            return
+        kept: deque[tuple[int, int, int]] = deque()
+        for partition, offset, tokens in self.acked:
+            if partition == notice.usage_partition and offset <= notice.usage_offset:
+                self.acked_tokens -= tokens
+            else:
+                kept.append((partition, offset, tokens))
+        self.acked = kept
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionHealth:
+    usage_offset: int
+    seen_at: float  # time.monotonic() when the heartbeat arrived
+
+
+class QuotaSnapshot:
+    """Notices plus local spend, per tenant-period. Not thread-safe: one event loop owns it."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str], _Entry] = {}
+        self._health: dict[int, PartitionHealth] = {}
+        self.notices_applied = 0
+
+    def _entry(self, tenant_id: str, period_key: str) -> _Entry:
+        key = (tenant_id, period_key)
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = _Entry()
+        return entry
+
+    def decide(self, tenant_id: str, period_key: str, default_limit: int) -> Decision:
+        entry = self._entries.get((tenant_id, period_key))
+        if entry is None:
+            return Decision(allowed=default_limit > 0, used=0, limit=default_limit)
+        notice = entry.notice
+        if notice is None:
+            used = entry.local()
+            return Decision(allowed=used < default_limit, used=used, limit=default_limit)
+        used = notice.used_tokens + entry.local()
+        limit = notice.limit_tokens
+        return Decision(allowed=notice.state != "exceeded" and used < limit, used=used, limit=limit)
+
+    def used(self, tenant_id: str, period_key: str) -> int:
+        entry = self._entries.get((tenant_id, period_key))
+        if entry is None:
+            return 0
+        return (entry.notice.used_tokens if entry.notice else 0) + entry.local()
+
+    def add_local(self, tenant_id: str, period_key: str, tokens: int) -> None:
+        """A call of this process spent ``tokens``; its event is on the way to Kafka."""
+        self._entry(tenant_id, period_key).unacked += tokens
+
+    def acknowledged(self, tenant_id: str, period_key: str, tokens: int, partition: int, offset: int) -> None:
+        """Kafka stored the event at ``offset``; it counts locally until a notice covers that offset."""
+        entry = self._entry(tenant_id, period_key)
+        entry.unacked -= tokens
+        notice = entry.notice
+        if notice is not None and notice.usage_partition == partition and offset <= notice.usage_offset:
+            return
+        entry.acked.append((partition, offset, tokens))
+        entry.acked_tokens += tokens
+
+    def apply_notice(self, notice: QuotaNotice) -> bool:
+        """Take a notice unless an equally recent or newer one is already held. True if taken."""
+        entry = self._entry(notice.tenant_id, notice.period_key)
+        held = entry.notice
+        if held is not None and held.usage_partition == notice.usage_partition:
+            if (notice.usage_offset, notice.emitted_at) < (held.usage_offset, held.emitted_at):
+                return False
+        entry.notice = notice
+        entry.forget_covered()
+        self.notices_applied += 1
+        return True
+
+    def apply_heartbeat(self, heartbeat: Heartbeat, now: float | None = None) -> None:
+        self._health[heartbeat.usage_partition] = PartitionHealth(
+            heartbeat.usage_offset, time.monotonic() if now is None else now
+        )
+
+    def heartbeat_age(self, partition: int, now: float | None = None) -> float | None:
+        """Seconds since the aggregator of ``partition`` was last heard from; None if never."""
+        health = self._health.get(partition)
+        if health is None:
+            return None
+        return (time.monotonic() if now is None else now) - health.seen_at
+
+    def notice(self, tenant_id: str, period_key: str) -> QuotaNotice | None:
+        entry = self._entries.get((tenant_id, period_key))
+        return entry.notice if entry else None
