@@ -64,3 +64,17 @@ async def ensure_topics(connection: KafkaConnection, layout: TopicLayout) -> dic
             f"{partitions[layout.usage]}: the totals changelog must be co-partitioned with usage"
         )
     return partitions
+
+
+async def topic_partitions(connection: KafkaConnection, topic: str) -> list[int]:
+    """The partition ids of ``topic``; ``TopicMismatchError`` when it does not exist."""
+    admin = AIOKafkaAdminClient(**connection.client_kwargs(), client_id="tokenguard-admin")
+    await admin.start()
+    try:
+        described = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    found = [d for d in described if d["topic"] == topic and d["error_code"] == 0]
+    if not found:
+        raise TopicMismatchError(f"topic {topic!r} does not exist; create the topics first (the aggregator does)")
+    return sorted(p["partition"] for p in found[0]["partitions"])

@@ -13,6 +13,7 @@ import logging
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from producer.config import ProducerConfig
+from producer.kafka_admin import topic_partitions
 from producer.snapshot import QuotaSnapshot
 from schemas.errors import DecodeError
 from schemas.notices import Heartbeat
@@ -46,13 +47,10 @@ class NoticesFeed:
             auto_offset_reset="earliest",
             fetch_max_wait_ms=50,
         )
+        partitions = await topic_partitions(self._config.connection, topic)
         await consumer.start()
         try:
-            await consumer.topics()  # a metadata round trip, so the topic's partitions are known
-            partitions = consumer.partitions_for_topic(topic) or set()
-            if not partitions:
-                raise LookupError(f"topic {topic!r} does not exist; start the aggregator or create the topics first")
-            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+            tps = [TopicPartition(topic, p) for p in partitions]
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             self._end_at_start = await consumer.end_offsets(tps)

@@ -1,0 +1,61 @@
+"""The aggregator's settings: one object, filled from flags and the environment in ``__main__``."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from producer.config import KafkaConnection
+from schemas.topics import DEFAULT_PREFIX, TopicLayout
+
+
+def default_aggregator_id() -> str:
+    return f"aggregator-{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    connection: KafkaConnection = field(default_factory=KafkaConnection)
+    topics: TopicLayout = field(default_factory=TopicLayout)
+    group_id: str = "tokenguard-aggregator"
+    aggregator_id: str = field(default_factory=default_aggregator_id)
+    # Used for tenants without a limit on the limits topic; None: the limit each event carries.
+    default_limit: int | None = None
+    warning_ratio: float = 0.8
+    heartbeat_interval_s: float = 1.0
+    # A batch closes at this many records or when a poll of ``batch_wait_ms`` brings nothing more.
+    batch_max: int = 20_000
+    batch_wait_ms: int = 50
+    idempotence: bool = True
+    create_topics: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.warning_ratio <= 1.0:
+            raise ValueError(f"warning_ratio must be in (0, 1], got {self.warning_ratio}")
+        if self.default_limit is not None and self.default_limit < 0:
+            raise ValueError(f"default_limit must be >= 0, got {self.default_limit}")
+        if self.heartbeat_interval_s <= 0:
+            raise ValueError("heartbeat_interval_s must be positive")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> AggregatorConfig:
+        """``KAFKA_*`` for the connection; ``TOKENGUARD_TOPIC_PREFIX``, ``TOKENGUARD_PARTITIONS``,
+        ``TOKENGUARD_GROUP_ID``, ``TOKENGUARD_DEFAULT_LIMIT``, ``TOKENGUARD_WARNING_RATIO``,
+        ``TOKENGUARD_IDEMPOTENCE``. Keyword overrides (from flags) win over the environment."""
+        env = os.environ if env is None else env
+        default_limit = env.get("TOKENGUARD_DEFAULT_LIMIT")
+        values: dict[str, object] = {
+            "connection": KafkaConnection.from_env(env),
+            "topics": TopicLayout(
+                prefix=env.get("TOKENGUARD_TOPIC_PREFIX", DEFAULT_PREFIX),
+                partitions=int(env.get("TOKENGUARD_PARTITIONS", TopicLayout.partitions)),
+            ),
+            "group_id": env.get("TOKENGUARD_GROUP_ID", cls.group_id),
+            "default_limit": int(default_limit) if default_limit else None,
+            "warning_ratio": float(env.get("TOKENGUARD_WARNING_RATIO", cls.warning_ratio)),
+            "idempotence": env.get("TOKENGUARD_IDEMPOTENCE", "true").lower() not in ("0", "false", "no"),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]

@@ -1,0 +1,292 @@
+"""The aggregator service: consume usage in a group, keep exact totals, publish notices.
+
+Per batch the order is fixed, and it is what keeps totals exact across crashes:
+
+1. apply the batch to the in-memory totals (skipping records a key has already applied);
+2. produce the changed totals to the changelog and the state changes to the notices topic;
+3. wait until the broker has acknowledged all of them;
+4. only then commit the consumer offsets.
+
+A crash anywhere leaves the committed offsets at or behind the changelog, never ahead of it, so
+on restart every record is either re-applied (its effect was lost) or skipped (the changelog has it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError
+from aiokafka.structs import ConsumerRecord
+
+from aggregator.changelog import read_changelog
+from aggregator.config import AggregatorConfig
+from aggregator.state import Limits, TotalsState
+from producer.kafka_admin import ensure_topics
+from schemas.errors import DecodeError
+from schemas.notices import Heartbeat, QuotaNotice
+from schemas.wire import decode_usage, encode, heartbeat_key, tenant_period_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AggregatorStats:
+    events: int = 0
+    replays_skipped: int = 0
+    dead_letters: int = 0
+    notices: int = 0
+    heartbeats: int = 0
+    flushes: int = 0
+    commit_failures: int = 0
+    restored_keys: int = 0
+    last_restore_s: float = 0.0
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, service: AggregatorService) -> None:
+        self._service = service
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._service._on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self._service._on_assigned(assigned)
+
+
+class AggregatorService:
+    """One aggregator process's worth of the group. ``start()``/``stop()`` or ``async with``."""
+
+    def __init__(self, config: AggregatorConfig) -> None:
+        self.config = config
+        self.limits = Limits(config.default_limit)
+        self.state = TotalsState(self.limits, warning_ratio=config.warning_ratio)
+        self.stats = AggregatorStats()
+        self.assigned = asyncio.Event()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._owned: set[int] = set()
+        self._offsets: dict[TopicPartition, int] = {}
+        self._unacked: list[asyncio.Future[object]] = []
+        self._stopping = False
+        self._next_heartbeat = 0.0
+
+    @property
+    def owned_partitions(self) -> frozenset[int]:
+        return frozenset(self._owned)
+
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        config = self.config
+        if config.create_topics:
+            await ensure_topics(config.connection, config.topics)
+        client = config.connection.client_kwargs()
+        producer = AIOKafkaProducer(
+            **client,
+            client_id=config.aggregator_id,
+            acks="all",
+            enable_idempotence=config.idempotence,
+            linger_ms=2,
+            max_batch_size=512 * 1024,
+        )
+        consumer = AIOKafkaConsumer(
+            **client,
+            client_id=config.aggregator_id,
+            group_id=config.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=config.batch_wait_ms,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+        )
+        await producer.start()
+        try:
+            consumer.subscribe([config.topics.usage], listener=_Rebalance(self))
+            await consumer.start()
+        except BaseException:
+            await producer.stop()
+            raise
+        self._producer, self._consumer = producer, consumer
+        self._stopping = False
+        self._task = asyncio.create_task(self._run(), name="tokenguard-aggregator")
+
+    async def stop(self) -> None:
+        """Finish the batch in hand, leave the group, close. Idempotent."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stopping = True
+        if not task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        consumer, self._consumer = self._consumer, None
+        producer, self._producer = self._producer, None
+        if consumer is not None:
+            await consumer.stop()
+        if producer is not None:
+            await producer.stop()
+
+    async def __aenter__(self) -> AggregatorService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def wait(self) -> None:
+        """Until the service stops; re-raises what made it fail."""
+        if self._task is not None:
+            await self._task
+
+    async def _run(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        while not self._stopping:
+            batches = await consumer.getmany(timeout_ms=self.config.batch_wait_ms, max_records=self.config.batch_max)
+            async with self._lock:
+                for tp, records in batches.items():
+                    if tp.partition in self._owned and records:
+                        await self._apply(tp, records)
+                await self._flush()
+                await self._heartbeat_if_due()
+
+    async def _apply(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
+        state, stats = self.state, self.stats
+        for record in records:
+            try:
+                event = decode_usage(record.value)
+            except DecodeError as exc:
+                await self._dead_letter(record, exc)
+                state.mark_position(tp.partition, record.offset)
+                continue
+            if state.apply(tp.partition, record.offset, event):
+                stats.events += 1
+            else:
+                stats.replays_skipped += 1
+        self._offsets[tp] = records[-1].offset + 1
+
+    async def _dead_letter(self, record: ConsumerRecord, exc: DecodeError) -> None:
+        """Keep the original key and bytes; say why in headers. Never stops the aggregator."""
+        producer = self._producer
+        assert producer is not None
+        headers = [
+            ("tokenguard.error.reason", exc.reason.encode()),
+            ("tokenguard.error.detail", exc.detail[:1000].encode(errors="replace")),
+            ("tokenguard.source.topic", record.topic.encode()),
+            ("tokenguard.source.partition", str(record.partition).encode()),
+            ("tokenguard.source.offset", str(record.offset).encode()),
+        ]
+        future = await producer.send(
+            self.config.topics.dead_letters, value=record.value, key=record.key, headers=headers
+        )
+        self._unacked.append(future)
+        self.stats.dead_letters += 1
+        log.warning("dead-lettered usage record %s:%d: %s", record.topic, record.offset, exc)
+
+    async def _flush(self) -> None:
+        producer, consumer = self._producer, self._consumer
+        assert producer is not None and consumer is not None
+        dirty, changed = self.state.take_changes()
+        if not dirty and not self._offsets and not self._unacked:
+            return
+        now = datetime.now(timezone.utc)
+        topics = self.config.topics
+        futures = self._unacked
+        self._unacked = []
+        # 2. The changelog record goes to the usage record's own partition number (co-partitioned).
+        for key, totals in dirty:
+            record = self.state.to_record(key, totals, now)
+            futures.append(
+                await producer.send(topics.totals, encode(record), key=tenant_period_key(*key), partition=totals.partition)
+            )
+        for key, totals in changed:
+            notice = QuotaNotice.model_construct(
+                type="notice",
+                tenant_id=key[0],
+                period_key=key[1],
+                state=totals.state,
+                used_tokens=totals.used,
+                limit_tokens=totals.limit,
+                usage_partition=totals.partition,
+                usage_offset=totals.applied_offset,
+                reason="state_changed",
+                aggregator_id=self.config.aggregator_id,
+                emitted_at=now,
+            )
+            futures.append(await producer.send(topics.notices, encode(notice), key=tenant_period_key(*key)))
+        # 3. A failed send raises here, before the commit: the process dies and restores, crash-only.
+        await asyncio.gather(*futures)
+        self.stats.notices += len(changed)
+        self.stats.flushes += 1
+        # 4. Commit last. If the group rebalanced meanwhile the commit fails; that is safe, since the
+        # changelog already holds these records' effect and the next owner skips them.
+        if self._offsets:
+            offsets, self._offsets = self._offsets, {}
+            try:
+                await consumer.commit(offsets)
+            except (CommitFailedError, IllegalStateError) as exc:
+                self.stats.commit_failures += 1
+                log.warning("offset commit skipped after a rebalance: %s", exc)
+
+    async def _heartbeat_if_due(self) -> None:
+        now = time.monotonic()
+        if now < self._next_heartbeat or not self._owned:
+            return
+        self._next_heartbeat = now + self.config.heartbeat_interval_s
+        producer = self._producer
+        assert producer is not None
+        emitted_at = datetime.now(timezone.utc)
+        futures = []
+        for partition in sorted(self._owned):
+            heartbeat = Heartbeat.model_construct(
+                type="heartbeat",
+                usage_partition=partition,
+                usage_offset=self.state.partition_offsets.get(partition, -1),
+                aggregator_id=self.config.aggregator_id,
+                emitted_at=emitted_at,
+            )
+            futures.append(
+                await producer.send(self.config.topics.notices, encode(heartbeat), key=heartbeat_key(partition))
+            )
+        await asyncio.gather(*futures)
+        self.stats.heartbeats += len(futures)
+
+    async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        async with self._lock:
+            if self._producer is not None and self._consumer is not None:
+                await self._flush()
+            partitions = {tp.partition for tp in revoked if tp.topic == self.config.topics.usage}
+            self._owned -= partitions
+            self.state.drop_partitions(partitions)
+            for tp in revoked:
+                self._offsets.pop(tp, None)
+            if partitions:
+                log.info("partitions revoked: %s", sorted(partitions))
+
+    async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Restore owned partitions from the changelog before any of their records is processed."""
+        async with self._lock:
+            partitions = {tp.partition for tp in assigned if tp.topic == self.config.topics.usage}
+            started = time.monotonic()
+            restored = await read_changelog(self.config.connection, self.config.topics.totals, partitions)
+            for record in restored.values():
+                if record.usage_partition in partitions:
+                    self.state.restore(record)
+            self.stats.restored_keys += len(restored)
+            self.stats.last_restore_s = time.monotonic() - started
+            self._owned |= partitions
+            self._next_heartbeat = 0.0
+            log.info(
+                "partitions assigned: %s; restored %d keys in %.2fs",
+                sorted(partitions),
+                len(restored),
+                self.stats.last_restore_s,
+            )
+            self.assigned.set()
