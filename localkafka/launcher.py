@@ -27,6 +27,9 @@ POM = HERE / "pom.xml"
 DEFAULT_PORT = 19092
 HOST = "127.0.0.1"
 
+# Brokers started by this process: kept so they can be reaped (no zombie, no ResourceWarning).
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
 
 class LauncherError(RuntimeError):
     """The local broker could not be fetched, started or stopped; the message says why."""
@@ -245,6 +248,7 @@ def start(port: int | None = DEFAULT_PORT, *, heap: str = "768m", timeout: float
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
+    _children[proc.pid] = proc
     (run_dir / "broker.pid").write_text(str(proc.pid))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -265,9 +269,17 @@ def _tail(path: Path, lines: int = 30) -> str:
 
 
 def _terminate(pid: int, grace: float = 20.0) -> None:
+    child = _children.pop(pid, None)
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
+        return
+    if child is not None:
+        try:
+            child.wait(grace)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
         return
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -33,6 +34,7 @@ class NoticesFeed:
         self._end_at_start: dict[TopicPartition, int] = {}
         self.caught_up = asyncio.Event()
         self.undecodable = 0
+        self._applied = asyncio.Event()
 
     async def start(self) -> None:
         """Start reading; return once the topic has been read to where it ended at start."""
@@ -82,6 +84,13 @@ class NoticesFeed:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
+    async def wait_until(self, predicate: Callable[[QuotaSnapshot], bool], timeout: float) -> None:
+        """Wait until ``predicate(snapshot)`` holds, re-checking after every batch of notices."""
+        async with asyncio.timeout(timeout):
+            while not predicate(self._snapshot):
+                self._applied.clear()
+                await self._applied.wait()
+
     async def _check_caught_up(self, consumer: AIOKafkaConsumer) -> None:
         if self.caught_up.is_set():
             return
@@ -109,3 +118,5 @@ class NoticesFeed:
                         snapshot.apply_heartbeat(message)
                     else:
                         snapshot.apply_notice(message)
+            if batches:
+                self._applied.set()

@@ -1,6 +1,6 @@
 """Period keys: the bucket a call's tokens count against. Zero-argument callables, as in the seed.
 
-Each takes an optional timezone, so a business whose billing month starts at local midnight can
+Each takes an optional timezone (and ``now``, for tests), so a business whose billing month starts at local midnight can
 pass ``functools.partial(month_key, tz=ZoneInfo("Europe/Berlin"))``. The default is UTC.
 """
 
@@ -9,27 +9,31 @@ from __future__ import annotations
 from datetime import datetime, timezone, tzinfo
 
 
-def month_key(*, tz: tzinfo = timezone.utc) -> str:
+def _at(now: datetime | None, tz: tzinfo) -> datetime:
+    return datetime.now(tz) if now is None else now.astimezone(tz)
+
+
+def month_key(*, tz: tzinfo = timezone.utc, now: datetime | None = None) -> str:
     """``2026-04``."""
-    return datetime.now(tz).strftime("%Y-%m")
+    return _at(now, tz).strftime("%Y-%m")
 
 
-def day_key(*, tz: tzinfo = timezone.utc) -> str:
+def day_key(*, tz: tzinfo = timezone.utc, now: datetime | None = None) -> str:
     """``2026-04-14``."""
-    return datetime.now(tz).strftime("%Y-%m-%d")
+    return _at(now, tz).strftime("%Y-%m-%d")
 
 
-def week_key(*, tz: tzinfo = timezone.utc) -> str:
+def week_key(*, tz: tzinfo = timezone.utc, now: datetime | None = None) -> str:
     """ISO 8601 week, ``2026-W16``: every week has seven days and belongs to one year.
 
     The seed used ``%Y-W%W``, whose week 00 is the partial week before the year's first Monday, so
     the days around New Year fall into two short buckets. ``seed_week_key`` keeps that scheme for
     deployments whose stored totals were keyed by it.
     """
-    year, week, _ = datetime.now(tz).isocalendar()
+    year, week, _ = _at(now, tz).isocalendar()
     return f"{year:04d}-W{week:02d}"
 
 
-def seed_week_key(*, tz: tzinfo = timezone.utc) -> str:
+def seed_week_key(*, tz: tzinfo = timezone.utc, now: datetime | None = None) -> str:
     """The seed's ``%Y-W%W`` week key, for continuity with totals stored by the seed."""
-    return datetime.now(tz).strftime("%Y-W%W")
+    return _at(now, tz).strftime("%Y-W%W")

@@ -1,0 +1,183 @@
+"""The pipeline on a real broker: middleware instances, the aggregator, notices back."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import datetime, timezone
+
+import pytest
+from agent_framework import Agent
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from aggregator import AggregatorConfig, AggregatorService
+from aggregator.changelog import read_changelog
+from producer import KafkaQuotaStore, ProducerConfig, QuotaExceededError, TokenGuardMiddleware, ensure_topics
+from producer.scripted import ScriptedChatClient
+from producer.store import CallUsage
+from schemas.wire import decode_usage
+from tests.conftest import instance
+
+pytestmark = pytest.mark.integration
+
+
+def usage(tenant: str, tokens: int, *, period: str = "2026-04", quota: int = 10**9) -> CallUsage:
+    return CallUsage(
+        tenant_id=tenant, period_key=period, model="m", input_tokens=tokens // 2, output_tokens=tokens - tokens // 2,
+        total_tokens=tokens, cache_creation_input_tokens=None, cache_read_input_tokens=None,
+        reasoning_output_tokens=None, quota_tokens=quota, streaming=False, event_time=datetime.now(timezone.utc),
+    )
+
+
+async def wait_for_totals(config: AggregatorConfig, expected: dict[tuple[str, str], int], timeout: float = 30) -> dict:
+    """Read the changelog until it shows the expected totals (the aggregator's durable output)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            records = await read_changelog(config.connection, config.topics.totals)
+            seen = {key: record.used_tokens for key, record in records.items()}
+            if seen == expected:
+                return records
+            await asyncio.sleep(0.2)
+
+
+async def test_tenant_exhausted_through_one_instance_is_blocked_by_another(
+    producer_config: ProducerConfig, aggregator_config: AggregatorConfig
+) -> None:
+    async with AggregatorService(aggregator_config) as aggregator:
+        await asyncio.wait_for(aggregator.assigned.wait(), 30)
+        async with (
+            KafkaQuotaStore(instance(producer_config, "a")) as store_a,
+            KafkaQuotaStore(instance(producer_config, "b")) as store_b,
+        ):
+            agent = Agent(ScriptedChatClient(reply_words=40))
+
+            def guard(store: KafkaQuotaStore) -> TokenGuardMiddleware:
+                return TokenGuardMiddleware(quota_store=store, quota_tokens=500, user_id_getter=lambda _: "acme")
+
+            guard_a, guard_b = guard(store_a), guard(store_b)
+            allowed_a = 0
+            with pytest.raises(QuotaExceededError):
+                for _ in range(100):
+                    await agent.run("Hello!", middleware=[guard_a])
+                    allowed_a += 1
+            assert 0 < allowed_a < 100
+            # Instance B spent nothing itself: only the aggregator's notice can stop it.
+            await store_b.feed.wait_until(
+                lambda snap: (n := snap.notice("acme", guard_b.period_key_fn())) is not None and n.state == "exceeded",
+                timeout=20,
+            )
+            with pytest.raises(QuotaExceededError, match="user=acme"):
+                await agent.run("Hello!", middleware=[guard_b])
+            # Another tenant on B is untouched.
+            other = TokenGuardMiddleware(quota_store=store_b, quota_tokens=500, user_id_getter=lambda _: "globex")
+            await agent.run("Hello!", middleware=[other])
+
+
+async def test_aggregator_totals_equal_the_sum_of_published_events(
+    producer_config: ProducerConfig, aggregator_config: AggregatorConfig
+) -> None:
+    rng = random.Random(7)
+    expected: dict[tuple[str, str], int] = {}
+    async with AggregatorService(aggregator_config) as aggregator:
+        await asyncio.wait_for(aggregator.assigned.wait(), 30)
+        async with KafkaQuotaStore(producer_config) as store:
+            for _ in range(5_000):
+                tenant = f"tenant-{rng.randrange(40)}"
+                period = rng.choice(["2026-04", "2026-05"])
+                tokens = rng.randrange(1, 2_000)
+                store.record(usage(tenant, tokens, period=period))
+                expected[(tenant, period)] = expected.get((tenant, period), 0) + tokens
+            await store.publisher.flush(timeout=30)
+        records = await wait_for_totals(aggregator_config, expected)
+    assert sum(r.event_count for r in records.values()) == 5_000
+    assert aggregator.stats.events == 5_000 and aggregator.stats.dead_letters == 0
+
+
+async def test_restarted_aggregator_restores_and_continues_exactly(
+    producer_config: ProducerConfig, aggregator_config: AggregatorConfig
+) -> None:
+    async with KafkaQuotaStore(producer_config) as store:
+        async with AggregatorService(aggregator_config) as first:
+            await asyncio.wait_for(first.assigned.wait(), 30)
+            for i in range(300):
+                store.record(usage(f"t{i % 7}", 10))
+            await store.publisher.flush(timeout=30)
+            await wait_for_totals(aggregator_config, {(f"t{i}", "2026-04"): 10 * len(range(i, 300, 7)) for i in range(7)})
+        for i in range(300):
+            store.record(usage(f"t{i % 7}", 10))
+        await store.publisher.flush(timeout=30)
+        async with AggregatorService(aggregator_config) as second:
+            await asyncio.wait_for(second.assigned.wait(), 30)
+            assert second.stats.restored_keys == 7
+            await wait_for_totals(aggregator_config, {(f"t{i}", "2026-04"): 20 * len(range(i, 300, 7)) for i in range(7)})
+        assert second.stats.events == 300
+
+
+async def test_bad_records_go_to_the_dead_letter_topic_and_good_ones_still_count(
+    producer_config: ProducerConfig, aggregator_config: AggregatorConfig
+) -> None:
+    layout = aggregator_config.topics
+    await ensure_topics(aggregator_config.connection, layout)
+    async with KafkaQuotaStore(producer_config) as store:
+        store.record(usage("acme", 100))
+        await store.publisher.flush()
+        raw = AIOKafkaProducer(bootstrap_servers=aggregator_config.connection.bootstrap_servers)
+        await raw.start()
+        try:
+            await raw.send_and_wait(layout.usage, b"\xff\x00 not json", key=b"acme")
+            await raw.send_and_wait(layout.usage, b'{"tenant_id": "acme"}', key=b"acme")
+        finally:
+            await raw.stop()
+        store.record(usage("acme", 50))
+        await store.publisher.flush()
+    async with AggregatorService(aggregator_config) as aggregator:
+        await wait_for_totals(aggregator_config, {("acme", "2026-04"): 150})
+        assert aggregator.stats.dead_letters == 2
+    consumer = AIOKafkaConsumer(
+        layout.dead_letters, bootstrap_servers=aggregator_config.connection.bootstrap_servers,
+        auto_offset_reset="earliest", enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        letters = []
+        async with asyncio.timeout(20):
+            while len(letters) < 2:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    letters.extend(records)
+    finally:
+        await consumer.stop()
+    reasons = sorted(dict(letter.headers)["tokenguard.error.reason"].decode() for letter in letters)
+    assert reasons == ["invalid_json", "invalid_schema"]
+    assert {letter.value for letter in letters} == {b"\xff\x00 not json", b'{"tenant_id": "acme"}'}
+    assert all(letter.key == b"acme" for letter in letters)
+
+
+async def test_usage_topic_is_the_replayable_record_billing_reads(
+    producer_config: ProducerConfig, aggregator_config: AggregatorConfig
+) -> None:
+    async with KafkaQuotaStore(producer_config) as store:
+        middleware = TokenGuardMiddleware(quota_store=store, quota_tokens=10**6, user_id_getter=lambda _: "acme")
+        agent = Agent(ScriptedChatClient(model="scripted-7"))
+        await agent.run("Hello!", middleware=[middleware])
+        stream = agent.run("Stream it", stream=True, middleware=[middleware])
+        async for _ in stream:
+            pass
+        await stream.get_final_response()
+        await store.publisher.flush()
+    consumer = AIOKafkaConsumer(
+        producer_config.topics.usage, bootstrap_servers=producer_config.connection.bootstrap_servers,
+        auto_offset_reset="earliest", enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        events = []
+        async with asyncio.timeout(20):
+            while len(events) < 2:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    events.extend(decode_usage(r.value) for r in records)
+    finally:
+        await consumer.stop()
+    assert [e.streaming for e in events] == [False, True]
+    assert all(e.tenant_id == "acme" and e.model == "scripted-7" and e.instance_id == "test-a" for e in events)
+    assert len({e.event_id for e in events}) == 2
+    assert all(e.total_tokens == (e.input_tokens or 0) + (e.output_tokens or 0) for e in events)

@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+import pytest
+
+from schemas import DecodeError, QuotaLimit, UsageEvent
+from schemas import export, wire
+from schemas.notices import Heartbeat, QuotaNotice
+
+NOW = datetime(2026, 4, 14, 11, 46, 9, tzinfo=timezone.utc)
+
+
+def event(**overrides: object) -> UsageEvent:
+    fields: dict[str, object] = {
+        "event_id": "0123456789abcdef",
+        "tenant_id": "acme",
+        "period_key": "2026-04",
+        "model": "gpt-x",
+        "input_tokens": 11,
+        "output_tokens": 52,
+        "total_tokens": 63,
+        "quota_tokens": 50,
+        "event_time": NOW,
+        "instance_id": "host-1",
+    }
+    fields.update(overrides)
+    return UsageEvent(**fields)  # type: ignore[arg-type]
+
+
+def test_usage_event_round_trips() -> None:
+    original = event(attributes={"team": "search"}, reasoning_output_tokens=7, streaming=True)
+    assert wire.decode_usage(wire.encode(original)) == original
+
+
+def test_model_construct_events_encode_like_validated_ones() -> None:
+    built = UsageEvent.model_construct(**event().model_dump())
+    assert wire.encode(built) == wire.encode(event())
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (None, "empty_value"),
+        (b"\x00\xff garbage", "invalid_json"),
+        (b"[1, 2]", "invalid_schema"),
+        (b"x" * (wire.MAX_RECORD_BYTES + 1), "oversized"),
+    ],
+)
+def test_undecodable_bytes_give_a_reason(raw: bytes | None, reason: str) -> None:
+    with pytest.raises(DecodeError) as info:
+        wire.decode_usage(raw)
+    assert info.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"total_tokens": -1}, "total_tokens"),
+        ({"total_tokens": 10**12}, "total_tokens"),
+        ({"total_tokens": "63"}, "total_tokens"),
+        ({"tenant_id": ""}, "tenant_id"),
+        ({"tenant_id": "a" * 300}, "tenant_id"),
+        ({"tenant_id": "evil\nline"}, "tenant_id"),
+        ({"schema_version": 99}, "schema_version"),
+        ({"event_time": "2026-04-14T11:46:09"}, "event_time"),
+        ({"event_id": "short"}, "event_id"),
+        ({"attributes": {f"k{i}": "v" for i in range(40)}}, "attributes"),
+    ],
+)
+def test_invalid_events_are_refused_naming_the_field(change: dict[str, object], field: str) -> None:
+    data = json.loads(wire.encode(event()))
+    data.update(change)
+    with pytest.raises(DecodeError) as info:
+        wire.decode_usage(json.dumps(data).encode())
+    assert info.value.reason == "invalid_schema"
+    assert info.value.detail.startswith(field)
+
+
+def test_unknown_fields_from_newer_producers_are_ignored() -> None:
+    data = json.loads(wire.encode(event()))
+    data["added_in_a_later_version"] = {"x": 1}
+    assert wire.decode_usage(json.dumps(data).encode()) == event()
+
+
+def test_notices_topic_carries_notices_and_heartbeats() -> None:
+    notice = QuotaNotice(
+        tenant_id="acme", period_key="2026-04", state="exceeded", used_tokens=70, limit_tokens=50,
+        usage_partition=2, usage_offset=41, aggregator_id="agg", emitted_at=NOW,
+    )
+    heartbeat = Heartbeat(usage_partition=2, usage_offset=41, aggregator_id="agg", emitted_at=NOW)
+    assert wire.decode_notice(wire.encode(notice)) == notice
+    assert wire.decode_notice(wire.encode(heartbeat)) == heartbeat
+
+
+def test_keys_that_join_fields_cannot_collide() -> None:
+    assert wire.tenant_period_key("a,b", "c") != wire.tenant_period_key("a", "b,c")
+    assert wire.tenant_period_key('a"', "b") != wire.tenant_period_key("a", '"b')
+    assert wire.tenant_period_key("heartbeat", "1") != wire.heartbeat_key(1)
+    assert wire.limit_key(None) != wire.limit_key("default")
+
+
+def test_limit_default_and_tenant_records() -> None:
+    default = QuotaLimit(tenant_id=None, limit_tokens=1000, updated_at=NOW)
+    assert wire.decode_limit(wire.encode(default)) == default
+    with pytest.raises(DecodeError):
+        wire.decode_limit(b'{"tenant_id": "x", "limit_tokens": -5, "updated_at": "2026-04-14T00:00:00Z"}')
+
+
+def test_checked_in_json_schemas_are_current() -> None:
+    for file_name, text in export.rendered().items():
+        path = export.JSON_DIR / file_name
+        assert path.exists(), f"{file_name} missing: run python -m schemas.export"
+        assert path.read_text() == text, f"{file_name} is stale: run python -m schemas.export"
