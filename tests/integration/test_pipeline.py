@@ -181,3 +181,29 @@ async def test_usage_topic_is_the_replayable_record_billing_reads(
     assert all(e.tenant_id == "acme" and e.model == "scripted-7" and e.instance_id == "test-a" for e in events)
     assert len({e.event_id for e in events}) == 2
     assert all(e.total_tokens == (e.input_tokens or 0) + (e.output_tokens or 0) for e in events)
+
+
+async def test_aggregator_cli_runs_and_stops_cleanly_on_sigterm(
+    producer_config: ProducerConfig, aggregator_config: AggregatorConfig
+) -> None:
+    import os
+    import signal
+    import sys
+
+    layout = aggregator_config.topics
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "aggregator", "--bootstrap-servers", aggregator_config.connection.bootstrap_servers,
+        "--topic-prefix", layout.prefix, "--partitions", str(layout.partitions), "--group-id", aggregator_config.group_id,
+        env={**os.environ, "PYTHONPATH": "."}, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with KafkaQuotaStore(producer_config) as store:
+            store.record(usage("acme", 600, quota=500))
+            await store.publisher.flush()
+            await store.feed.wait_until(lambda snap: snap.notice("acme", "2026-04") is not None, timeout=30)
+            assert not store.check("acme", "2026-04", 500).allowed
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, stderr.decode()[-2000:]
+    assert b"aggregator stopped" in stderr

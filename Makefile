@@ -1,0 +1,44 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both install what they need.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install demo test test-unit kafka-up kafka-down kafka-fetch schemas clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,demo]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+kafka-fetch:
+	$(PYTHON) -m localkafka fetch
+
+## Start the local Kafka broker (KRaft, 127.0.0.1:19092 or LOCALKAFKA_PORT); prints its bootstrap address.
+kafka-up: kafka-fetch
+	@$(PYTHON) -m localkafka up
+
+kafka-down:
+	@$(PYTHON) -m localkafka down
+
+## The whole pipeline on a real broker: aggregator + 3 agent processes, live table, summary.
+demo: install kafka-fetch
+	$(PY) examples/fleet_demo.py
+
+## Unit and integration tests. The fixture uses KAFKA_BOOTSTRAP_SERVERS, else starts (and stops) the local broker.
+test: install kafka-fetch
+	$(PY) -m pytest
+
+test-unit: install
+	$(PY) -m pytest tests/unit
+
+## Regenerate schemas/json/ from the pydantic models.
+schemas: install
+	$(PY) -m schemas.export
+
+clean:
+	-$(PYTHON) -m localkafka down
+	rm -rf $(VENV) .cache .pytest_cache .hypothesis
