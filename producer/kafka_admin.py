@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -40,8 +42,7 @@ async def ensure_topics(connection: KafkaConnection, layout: TopicLayout) -> dic
                 if code not in (0, _ALREADY_EXISTS):
                     raise TopicMismatchError(f"creating topic {name!r} failed: error {code}: {message}")
             log.info("created topics %s", ", ".join(s.name for s in missing))
-        described = await admin.describe_topics([s.name for s in specs])
-        partitions = {d["topic"]: len(d["partitions"]) for d in described if d["error_code"] == 0}
+        partitions = await _wait_for_leaders(admin, [s.name for s in specs])
         configs = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, s.name) for s in specs])
     finally:
         await admin.close()
@@ -64,6 +65,25 @@ async def ensure_topics(connection: KafkaConnection, layout: TopicLayout) -> dic
             f"{partitions[layout.usage]}: the totals changelog must be co-partitioned with usage"
         )
     return partitions
+
+
+async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str], timeout: float = 30.0) -> dict[str, int]:
+    """Partitions per topic, once every partition of every topic has a leader.
+
+    Right after creation a topic can be listed before its partitions have leaders; clients that
+    start in that window fail their first requests.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        described = await admin.describe_topics(names)
+        ready = {
+            d["topic"]: len(d["partitions"])
+            for d in described
+            if d["error_code"] == 0 and d["partitions"] and all(p["leader"] >= 0 for p in d["partitions"])
+        }
+        if len(ready) == len(names) or time.monotonic() > deadline:
+            return ready
+        await asyncio.sleep(0.1)
 
 
 async def topic_partitions(connection: KafkaConnection, topic: str) -> list[int]:
