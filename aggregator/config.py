@@ -25,9 +25,16 @@ class AggregatorConfig:
     default_limit: int | None = None
     warning_ratio: float = 0.8
     heartbeat_interval_s: float = 1.0
-    # A batch closes at this many records or when a poll of ``batch_wait_ms`` brings nothing more.
+    # A batch closes at ``batch_max`` records or ``batch_window_ms`` after its first record,
+    # whichever comes first; a notice waits at most that long before it is published.
     batch_max: int = 20_000
-    batch_wait_ms: int = 50
+    batch_window_ms: int = 50
+    # Event ids remembered per partition to drop duplicates that arrive at a new offset.
+    dedup_window: int = 100_000
+    # Static group membership: a restarted process with the same id takes its partitions back at
+    # once instead of after a session timeout. None: dynamic membership.
+    group_instance_id: str | None = None
+    session_timeout_ms: int = 10_000
     idempotence: bool = True
     create_topics: bool = True
 
@@ -38,12 +45,14 @@ class AggregatorConfig:
             raise ValueError(f"default_limit must be >= 0, got {self.default_limit}")
         if self.heartbeat_interval_s <= 0:
             raise ValueError("heartbeat_interval_s must be positive")
+        if self.batch_max < 1 or self.batch_window_ms < 1 or self.dedup_window < 1:
+            raise ValueError("batch_max, batch_window_ms and dedup_window must be positive")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> AggregatorConfig:
         """``KAFKA_*`` for the connection; ``TOKENGUARD_TOPIC_PREFIX``, ``TOKENGUARD_PARTITIONS``,
         ``TOKENGUARD_GROUP_ID``, ``TOKENGUARD_DEFAULT_LIMIT``, ``TOKENGUARD_WARNING_RATIO``,
-        ``TOKENGUARD_IDEMPOTENCE``. Keyword overrides (from flags) win over the environment."""
+        ``TOKENGUARD_IDEMPOTENCE``, ``TOKENGUARD_AGGREGATOR_INSTANCE_ID``, ``TOKENGUARD_DEDUP_WINDOW``. Keyword overrides (from flags) win over the environment."""
         env = os.environ if env is None else env
         default_limit = env.get("TOKENGUARD_DEFAULT_LIMIT")
         values: dict[str, object] = {
@@ -56,6 +65,8 @@ class AggregatorConfig:
             "default_limit": int(default_limit) if default_limit else None,
             "warning_ratio": float(env.get("TOKENGUARD_WARNING_RATIO", cls.warning_ratio)),
             "idempotence": env.get("TOKENGUARD_IDEMPOTENCE", "true").lower() not in ("0", "false", "no"),
+            "group_instance_id": env.get("TOKENGUARD_AGGREGATOR_INSTANCE_ID") or None,
+            "dedup_window": int(env.get("TOKENGUARD_DEDUP_WINDOW", cls.dedup_window)),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]

@@ -2,8 +2,9 @@
 
 Per batch the order is fixed, and it is what keeps totals exact across crashes:
 
-1. apply the batch to the in-memory totals (skipping records a key has already applied);
-2. produce the changed totals to the changelog and the state changes to the notices topic;
+1. apply the batch to the in-memory totals (skipping records a key has already applied, and
+   duplicates of events already seen);
+2. produce the changed totals to the changelog, the notices, and any dead letters;
 3. wait until the broker has acknowledged all of them;
 4. only then commit the consumer offsets.
 
@@ -24,13 +25,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import ConsumerRecord
 
-from aggregator.changelog import read_changelog
+from aggregator.changelog import read_changelog, recent_event_ids
 from aggregator.config import AggregatorConfig
-from aggregator.state import Limits, TotalsState
-from producer.kafka_admin import ensure_topics
+from aggregator.limits import LimitsFeed
+from aggregator.state import Limits, Outcome, TotalsState
+from producer.kafka_admin import TopicMismatchError, committed_offsets, ensure_topics, topic_partitions
 from schemas.errors import DecodeError
 from schemas.notices import Heartbeat, QuotaNotice
-from schemas.wire import decode_usage, encode, heartbeat_key, tenant_period_key
+from schemas.wire import decode_usage_record, encode, heartbeat_key, tenant_period_key
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 class AggregatorStats:
     events: int = 0
     replays_skipped: int = 0
+    duplicates_dropped: int = 0
     dead_letters: int = 0
     notices: int = 0
     heartbeats: int = 0
@@ -64,10 +67,11 @@ class AggregatorService:
 
     def __init__(self, config: AggregatorConfig) -> None:
         self.config = config
-        self.limits = Limits(config.default_limit)
-        self.state = TotalsState(self.limits, warning_ratio=config.warning_ratio)
+        self.limits = Limits(config.default_limit, warning_ratio=config.warning_ratio)
+        self.state = TotalsState(self.limits, dedup_window=config.dedup_window)
         self.stats = AggregatorStats()
         self.assigned = asyncio.Event()
+        self._limits_feed = LimitsFeed(config, self.limits, on_change=self._limit_changed)
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -87,7 +91,14 @@ class AggregatorService:
             return
         config = self.config
         if config.create_topics:
-            await ensure_topics(config.connection, config.topics)
+            partitions = await ensure_topics(config.connection, config.topics)
+        else:
+            partitions = {
+                topic: len(await topic_partitions(config.connection, topic))
+                for topic in (config.topics.usage, config.topics.totals)
+            }
+        if partitions[config.topics.usage] != partitions[config.topics.totals]:
+            raise TopicMismatchError("the totals changelog must have as many partitions as the usage topic")
         client = config.connection.client_kwargs()
         producer = AIOKafkaProducer(
             **client,
@@ -101,16 +112,21 @@ class AggregatorService:
             **client,
             client_id=config.aggregator_id,
             group_id=config.group_id,
+            group_instance_id=config.group_instance_id,
+            session_timeout_ms=config.session_timeout_ms,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            fetch_max_wait_ms=config.batch_wait_ms,
+            fetch_max_wait_ms=min(config.batch_window_ms, 100),
             max_partition_fetch_bytes=4 * 1024 * 1024,
         )
         await producer.start()
         try:
+            # Limits first: the first usage batch is judged against them.
+            await self._limits_feed.start()
             consumer.subscribe([config.topics.usage], listener=_Rebalance(self))
             await consumer.start()
         except BaseException:
+            await self._limits_feed.stop()
             await producer.stop()
             raise
         self._producer, self._consumer = producer, consumer
@@ -126,6 +142,7 @@ class AggregatorService:
         if not task.done():
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self._limits_feed.stop()
         consumer, self._consumer = self._consumer, None
         producer, self._producer = self._producer, None
         if consumer is not None:
@@ -148,52 +165,76 @@ class AggregatorService:
     async def _run(self) -> None:
         consumer = self._consumer
         assert consumer is not None
+        window_s = self.config.batch_window_ms / 1000
         while not self._stopping:
-            batches = await consumer.getmany(timeout_ms=self.config.batch_wait_ms, max_records=self.config.batch_max)
+            batches = await consumer.getmany(timeout_ms=self.config.batch_window_ms, max_records=self.config.batch_max)
             async with self._lock:
-                for tp, records in batches.items():
-                    if tp.partition in self._owned and records:
-                        await self._apply(tp, records)
+                # 1. Apply; keep polling until the batch is full or its window has passed.
+                count = await self._apply_all(batches)
+                closes_at = time.monotonic() + window_s
+                while count and count < self.config.batch_max and not self._stopping:
+                    remaining = closes_at - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    more = await consumer.getmany(
+                        timeout_ms=max(1, int(remaining * 1000)), max_records=self.config.batch_max - count
+                    )
+                    if not more:
+                        break
+                    count += await self._apply_all(more)
                 await self._flush()
                 await self._heartbeat_if_due()
+
+    async def _apply_all(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> int:
+        count = 0
+        for tp, records in batches.items():
+            if tp.partition in self._owned and records:
+                await self._apply(tp, records)
+                count += len(records)
+        return count
 
     async def _apply(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
         state, stats = self.state, self.stats
         for record in records:
             try:
-                event = decode_usage(record.value)
+                event = decode_usage_record(record.key, record.value)
             except DecodeError as exc:
                 await self._dead_letter(record, exc)
                 state.mark_position(tp.partition, record.offset)
                 continue
-            if state.apply(tp.partition, record.offset, event):
+            outcome = state.apply(tp.partition, record.offset, event)
+            if outcome is Outcome.APPLIED:
                 stats.events += 1
-            else:
+            elif outcome is Outcome.REPLAY:
                 stats.replays_skipped += 1
+            else:
+                stats.duplicates_dropped += 1
         self._offsets[tp] = records[-1].offset + 1
 
     async def _dead_letter(self, record: ConsumerRecord, exc: DecodeError) -> None:
-        """Keep the original key and bytes; say why in headers. Never stops the aggregator."""
+        """Keep the original key, bytes and headers; say why in headers. Never stops the aggregator."""
         producer = self._producer
         assert producer is not None
         headers = [
+            *[(name, value) for name, value in record.headers if not name.startswith("tokenguard.")],
             ("tokenguard.error.reason", exc.reason.encode()),
             ("tokenguard.error.detail", exc.detail[:1000].encode(errors="replace")),
             ("tokenguard.source.topic", record.topic.encode()),
             ("tokenguard.source.partition", str(record.partition).encode()),
             ("tokenguard.source.offset", str(record.offset).encode()),
+            ("tokenguard.aggregator", self.config.aggregator_id.encode()),
         ]
         future = await producer.send(
             self.config.topics.dead_letters, value=record.value, key=record.key, headers=headers
         )
         self._unacked.append(future)
         self.stats.dead_letters += 1
-        log.warning("dead-lettered usage record %s:%d: %s", record.topic, record.offset, exc)
+        log.warning("dead-lettered usage record %s:%d: %s", record.topic, record.offset, exc.reason)
 
     async def _flush(self) -> None:
         producer, consumer = self._producer, self._consumer
         assert producer is not None and consumer is not None
-        dirty, changed = self.state.take_changes()
+        dirty, notify = self.state.take_changes()
         if not dirty and not self._offsets and not self._unacked:
             return
         now = datetime.now(timezone.utc)
@@ -206,7 +247,7 @@ class AggregatorService:
             futures.append(
                 await producer.send(topics.totals, encode(record), key=tenant_period_key(*key), partition=totals.partition)
             )
-        for key, totals in changed:
+        for key, totals, reason in notify:
             notice = QuotaNotice.model_construct(
                 type="notice",
                 tenant_id=key[0],
@@ -216,14 +257,14 @@ class AggregatorService:
                 limit_tokens=totals.limit,
                 usage_partition=totals.partition,
                 usage_offset=totals.applied_offset,
-                reason="state_changed",
+                reason=reason,
                 aggregator_id=self.config.aggregator_id,
                 emitted_at=now,
             )
             futures.append(await producer.send(topics.notices, encode(notice), key=tenant_period_key(*key)))
         # 3. A failed send raises here, before the commit: the process dies and restores, crash-only.
         await asyncio.gather(*futures)
-        self.stats.notices += len(changed)
+        self.stats.notices += len(notify)
         self.stats.flushes += 1
         # 4. Commit last. If the group rebalanced meanwhile the commit fails; that is safe, since the
         # changelog already holds these records' effect and the next owner skips them.
@@ -258,6 +299,13 @@ class AggregatorService:
         await asyncio.gather(*futures)
         self.stats.heartbeats += len(futures)
 
+    async def _limit_changed(self, tenant_id: str | None) -> None:
+        """A limit was set or removed: re-judge the affected keys and publish at once."""
+        async with self._lock:
+            self.state.reevaluate(tenant_id)
+            if self._producer is not None and self._consumer is not None:
+                await self._flush()
+
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         async with self._lock:
             if self._producer is not None and self._consumer is not None:
@@ -271,22 +319,34 @@ class AggregatorService:
                 log.info("partitions revoked: %s", sorted(partitions))
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
-        """Restore owned partitions from the changelog before any of their records is processed."""
+        """Restore owned partitions before any of their records is processed: totals from the
+        changelog, and the dedup window from the usage records just before the committed offset."""
         async with self._lock:
-            partitions = {tp.partition for tp in assigned if tp.topic == self.config.topics.usage}
+            tps = [tp for tp in assigned if tp.topic == self.config.topics.usage]
+            partitions = {tp.partition for tp in tps}
             started = time.monotonic()
             restored = await read_changelog(self.config.connection, self.config.topics.totals, partitions)
             for record in restored.values():
                 if record.usage_partition in partitions:
                     self.state.restore(record)
+            everything = await committed_offsets(self.config.connection, self.config.group_id, self.config.topics.usage)
+            committed = {p: offset for p, offset in everything.items() if p in partitions and offset > 0}
+            for partition, offset in committed.items():
+                self.state.mark_position(partition, offset - 1)
+            seen = await recent_event_ids(
+                self.config.connection, self.config.topics.usage, committed, self.config.dedup_window
+            )
+            for partition, event_ids in seen.items():
+                self.state.remember(partition, event_ids)
             self.stats.restored_keys += len(restored)
             self.stats.last_restore_s = time.monotonic() - started
             self._owned |= partitions
             self._next_heartbeat = 0.0
             log.info(
-                "partitions assigned: %s; restored %d keys in %.2fs",
+                "partitions assigned: %s; restored %d keys and %d event ids in %.2fs",
                 sorted(partitions),
                 len(restored),
+                sum(len(ids) for ids in seen.values()),
                 self.stats.last_restore_s,
             )
             self.assigned.set()

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
@@ -98,3 +99,28 @@ async def topic_partitions(connection: KafkaConnection, topic: str) -> list[int]
     if not found:
         raise TopicMismatchError(f"topic {topic!r} does not exist; create the topics first (the aggregator does)")
     return sorted(p["partition"] for p in found[0]["partitions"])
+
+
+async def reached(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> bool:
+    """True once the consumer's position in every partition is at or past the given end offset."""
+    for tp, end in ends.items():
+        if await consumer.position(tp) < end:
+            return False
+    return True
+
+
+async def committed_offsets(connection: KafkaConnection, group_id: str, topic: str | None = None) -> dict[int, int]:
+    """A consumer group's committed offsets per partition (of ``topic``, or of the only topic it reads).
+
+    Through the admin client, so it is safe inside a rebalance callback, where the group's own
+    consumer cannot make coordinator requests.
+    """
+    admin = AIOKafkaAdminClient(**connection.client_kwargs(), client_id="tokenguard-admin")
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group_id)
+    finally:
+        await admin.close()
+    return {
+        tp.partition: meta.offset for tp, meta in offsets.items() if (topic is None or tp.topic == topic) and meta.offset >= 0
+    }

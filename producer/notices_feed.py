@@ -14,7 +14,7 @@ from collections.abc import Callable
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from producer.config import ProducerConfig
-from producer.kafka_admin import topic_partitions
+from producer.kafka_admin import reached, topic_partitions
 from producer.snapshot import QuotaSnapshot
 from schemas.errors import DecodeError
 from schemas.notices import Heartbeat
@@ -92,12 +92,8 @@ class NoticesFeed:
                 await self._applied.wait()
 
     async def _check_caught_up(self, consumer: AIOKafkaConsumer) -> None:
-        if self.caught_up.is_set():
-            return
-        for tp, end in self._end_at_start.items():
-            if await consumer.position(tp) < end:
-                return
-        self.caught_up.set()
+        if not self.caught_up.is_set() and await reached(consumer, self._end_at_start):
+            self.caught_up.set()
 
     async def _run(self) -> None:
         consumer = self._consumer

@@ -6,6 +6,7 @@ pass ``functools.partial(month_key, tz=ZoneInfo("Europe/Berlin"))``. The default
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone, tzinfo
 
 
@@ -37,3 +38,18 @@ def week_key(*, tz: tzinfo = timezone.utc, now: datetime | None = None) -> str:
 def seed_week_key(*, tz: tzinfo = timezone.utc, now: datetime | None = None) -> str:
     """The seed's ``%Y-W%W`` week key, for continuity with totals stored by the seed."""
     return _at(now, tz).strftime("%Y-W%W")
+
+
+_KINDS = (
+    ("day", re.compile(r"^\d{4}-\d{2}-\d{2}$")),
+    ("week", re.compile(r"^\d{4}-W\d{2}$")),
+    ("month", re.compile(r"^\d{4}-\d{2}$")),
+)
+
+
+def period_kind(period_key: str) -> str | None:
+    """``month``, ``week`` or ``day`` for keys these functions make; None for custom keys."""
+    for kind, pattern in _KINDS:
+        if pattern.match(period_key):
+            return kind
+    return None

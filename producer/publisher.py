@@ -22,7 +22,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from producer.config import ProducerConfig
 from producer.errors import PublisherError
 from schemas.usage import UsageEvent
-from schemas.wire import encode, usage_key
+from schemas.wire import encode, usage_headers, usage_key
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,8 @@ class UsagePublisher:
                 batch = producer.create_batch()
                 count = 0
                 for event in items[start:]:
-                    if batch.append(key=usage_key(event.tenant_id), value=encode(event), timestamp=None) is None:
+                    key, value, headers = usage_key(event.tenant_id), encode(event), usage_headers(event)
+                    if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
                         break
                     count += 1
                 chunk = items[start : start + max(count, 1)]

@@ -28,3 +28,5 @@ class TotalsRecord(BaseModel):
     usage_partition: Partition
     applied_offset: Offset
     updated_at: Timestamp
+    # The quota the key's latest event carried: the limit again if a limits-topic limit is removed.
+    event_quota_tokens: LimitTokens | None = None

@@ -7,6 +7,7 @@ JSON arrays, so a tenant id containing any separator cannot collide with another
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -30,6 +31,8 @@ def encode(model: BaseModel) -> bytes:
 def _decode(adapter: Any, data: bytes | None, what: str) -> Any:
     if data is None:
         raise DecodeError("empty_value", f"{what} record has no value")
+    if not data:
+        raise DecodeError("empty_value", f"{what} record has an empty value")
     if len(data) > MAX_RECORD_BYTES:
         raise DecodeError("oversized", f"{what} record of {len(data)} bytes exceeds {MAX_RECORD_BYTES}")
     try:
@@ -40,7 +43,8 @@ def _decode(adapter: Any, data: bytes | None, what: str) -> Any:
         if first["type"] == "json_invalid":
             raise DecodeError("invalid_json", first["msg"]) from None
         location = ".".join(str(part) for part in first["loc"]) or what
-        raise DecodeError("invalid_schema", f"{location}: {first['msg']}") from None
+        reason = "unsupported_version" if location == "schema_version" else "invalid_schema"
+        raise DecodeError(reason, f"{location}: {first['msg']}") from None
 
 
 _USAGE = TypeAdapter(UsageEvent)
@@ -50,6 +54,16 @@ _LIMIT = TypeAdapter(QuotaLimit)
 
 def decode_usage(data: bytes | None) -> UsageEvent:
     return _decode(_USAGE, data, "usage")  # type: ignore[no-any-return]
+
+
+def decode_usage_record(key: bytes | None, value: bytes | None) -> UsageEvent:
+    """A usage record as the aggregator and the verifier accept it: valid value, and a key that is
+    the event's tenant (else the tenant's events are not in one partition, in order)."""
+    event = decode_usage(value)
+    if key != event.tenant_id.encode():
+        shown = key[:80].decode(errors="replace") if key is not None else None
+        raise DecodeError("key_mismatch", f"record key {shown!r} is not the event's tenant id")
+    return event
 
 
 def decode_totals(data: bytes | None) -> TotalsRecord:
@@ -62,6 +76,35 @@ def decode_limit(data: bytes | None) -> QuotaLimit:
 
 def decode_notice(data: bytes | None) -> QuotaNotice | Heartbeat:
     return _decode(NOTICE_MESSAGE, data, "notice")  # type: ignore[no-any-return]
+
+
+USAGE_EVENT_TYPE = "io.tokenguard.usage.v1"
+
+
+def usage_headers(event: UsageEvent) -> list[tuple[str, bytes]]:
+    """CloudEvents 1.0 Kafka binding, binary mode: the value stays our JSON, the envelope goes in
+    ``ce_*`` headers, so CloudEvents consumers ingest the topic as it is and ours read ``ce_id``
+    without parsing the value."""
+    return [
+        ("ce_specversion", b"1.0"),
+        ("ce_id", event.event_id.encode()),
+        ("ce_source", f"/tokenguard/{event.instance_id}".encode()),
+        ("ce_type", USAGE_EVENT_TYPE.encode()),
+        ("ce_time", event.event_time.isoformat().encode()),
+        ("ce_subject", event.tenant_id.encode()),
+        ("content-type", b"application/json"),
+    ]
+
+
+def event_id_of(headers: Sequence[tuple[str, bytes]], value: bytes | None) -> str | None:
+    """The event id from ``ce_id``, else from the value; None when neither holds one."""
+    for name, header in headers:
+        if name == "ce_id":
+            return header.decode(errors="replace")
+    try:
+        return decode_usage(value).event_id
+    except DecodeError:
+        return None
 
 
 def _pack(*parts: str | int) -> bytes:

@@ -1,16 +1,23 @@
 from __future__ import annotations
 
+import itertools
 from datetime import datetime, timezone
 
-from aggregator.state import Limits, TotalsState, classify
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aggregator.dedup import DedupWindow
+from aggregator.state import Limits, Outcome, TotalsState, classify
+from schemas.limits import QuotaLimit
 from schemas.usage import UsageEvent
 
 NOW = datetime(2026, 4, 14, tzinfo=timezone.utc)
+_ids = itertools.count()
 
 
-def event(tenant: str, tokens: int, *, quota: int = 100, period: str = "p") -> UsageEvent:
+def event(tenant: str, tokens: int, *, quota: int = 100, period: str = "p", event_id: str | None = None) -> UsageEvent:
     return UsageEvent(
-        event_id=f"e{tenant}{tokens}xxxxxxxx", tenant_id=tenant, period_key=period, total_tokens=tokens,
+        event_id=event_id or f"evt{next(_ids):08d}", tenant_id=tenant, period_key=period, total_tokens=tokens,
         quota_tokens=quota, event_time=NOW, instance_id="i",
     )
 
@@ -22,45 +29,89 @@ def test_classify() -> None:
     assert classify(0, 0, 0.8) == "exceeded"
 
 
-def test_apply_sums_and_reports_state_changes_once() -> None:
+def test_apply_sums_and_reports_each_state_change_once() -> None:
     state = TotalsState(Limits())
     for offset, tokens in enumerate([50, 35, 10, 20]):
-        assert state.apply(0, offset, event("acme", tokens))
-    dirty, changed = state.take_changes()
+        assert state.apply(0, offset, event("acme", tokens)) is Outcome.APPLIED
+    dirty, notify = state.take_changes()
     assert [(k, t.used, t.state) for k, t in dirty] == [(("acme", "p"), 115, "exceeded")]
-    assert [k for k, _ in changed] == [("acme", "p")]
+    assert [(k, reason) for k, _, reason in notify] == [(("acme", "p"), "state_changed")]
     assert state.take_changes() == ([], [])
 
 
 def test_replayed_offsets_are_skipped() -> None:
     state = TotalsState(Limits())
-    state.apply(0, 0, event("acme", 10))
-    state.apply(0, 1, event("acme", 10))
-    assert not state.apply(0, 1, event("acme", 10))
-    assert not state.apply(0, 0, event("acme", 10))
+    first, second = event("acme", 10), event("acme", 10)
+    state.apply(0, 0, first)
+    state.apply(0, 1, second)
+    assert state.apply(0, 1, second) is Outcome.REPLAY
+    assert state.apply(0, 0, first) is Outcome.REPLAY
     assert state.totals[("acme", "p")].used == 20
 
 
+def test_same_event_id_at_a_new_offset_is_a_duplicate() -> None:
+    state = TotalsState(Limits())
+    original = event("acme", 10)
+    assert state.apply(0, 0, original) is Outcome.APPLIED
+    assert state.apply(0, 5, original) is Outcome.DUPLICATE
+    assert state.totals[("acme", "p")].used == 10
+
+
 def test_restore_then_skip_what_the_changelog_holds() -> None:
+    events = [event("acme", 7) for _ in range(7)]
     first = TotalsState(Limits())
     for offset in range(5):
-        first.apply(0, offset, event("acme", 7))
+        first.apply(0, offset, events[offset])
     record = first.to_record(("acme", "p"), first.totals[("acme", "p")], NOW)
     second = TotalsState(Limits())
     second.restore(record)
     # The consumer re-reads from an older committed offset after a crash.
-    applied = [second.apply(0, offset, event("acme", 7)) for offset in range(3, 7)]
-    assert applied == [False, False, True, True]
+    outcomes = [second.apply(0, offset, events[offset]) for offset in range(3, 7)]
+    assert outcomes == [Outcome.REPLAY, Outcome.REPLAY, Outcome.APPLIED, Outcome.APPLIED]
     assert second.totals[("acme", "p")].used == 7 * 7
+
+
+def test_remembered_ids_drop_duplicates_after_a_restart() -> None:
+    original = event("acme", 10)
+    state = TotalsState(Limits())
+    state.remember(0, [original.event_id])
+    assert state.apply(0, 9, original) is Outcome.DUPLICATE
 
 
 def test_limit_precedence() -> None:
     limits = Limits()
-    assert limits.limit_for("acme", 100) == 100
+    assert limits.rule("acme", "2026-04", 100) == (100, 0.8)
     limits.default_limit = 500
-    assert limits.limit_for("acme", 100) == 500
-    limits.per_tenant["acme"] = 20
-    assert limits.limit_for("acme", 100) == 20
+    assert limits.rule("acme", "2026-04", 100) == (500, 0.8)
+    limits.set(QuotaLimit(tenant_id=None, limit_tokens=300, updated_at=NOW))
+    assert limits.rule("acme", "2026-04", 100) == (300, 0.8)
+    limits.set(QuotaLimit(tenant_id="acme", limit_tokens=20, warning_ratio=0.5, updated_at=NOW))
+    assert limits.rule("acme", "2026-04", 100) == (20, 0.5)
+    assert limits.rule("globex", "2026-04", 100) == (300, 0.8)
+    limits.delete("acme")
+    assert limits.rule("acme", "2026-04", 100) == (300, 0.8)
+
+
+def test_limit_for_one_period_kind_only() -> None:
+    limits = Limits()
+    limits.set(QuotaLimit(tenant_id="acme", limit_tokens=50, period="day", updated_at=NOW))
+    assert limits.rule("acme", "2026-04-14", 1000) == (50, 0.8)
+    assert limits.rule("acme", "2026-04", 1000) == (1000, 0.8)
+
+
+def test_raised_limit_unblocks_and_lowered_limit_blocks() -> None:
+    limits = Limits()
+    state = TotalsState(limits)
+    state.apply(0, 0, event("acme", 150, quota=100))
+    state.take_changes()
+    limits.set(QuotaLimit(tenant_id="acme", limit_tokens=1000, updated_at=NOW))
+    state.reevaluate("acme")
+    _, notify = state.take_changes()
+    assert [(t.state, t.limit, reason) for _, t, reason in notify] == [("ok", 1000, "limit_changed")]
+    limits.set(QuotaLimit(tenant_id="acme", limit_tokens=100, updated_at=NOW))
+    state.reevaluate(None)
+    _, notify = state.take_changes()
+    assert [(t.state, t.limit) for _, t, _ in notify] == [("exceeded", 100)]
 
 
 def test_drop_partitions_forgets_only_those() -> None:
@@ -69,3 +120,60 @@ def test_drop_partitions_forgets_only_those() -> None:
     state.apply(1, 0, event("b", 1))
     state.drop_partitions({0})
     assert list(state.totals) == [("b", "p")]
+
+
+def test_dedup_window_is_bounded() -> None:
+    window = DedupWindow(3)
+    for event_id in "abcd":
+        window.add(event_id)
+    assert "a" not in window and all(x in window for x in "bcd") and len(window) == 3
+
+
+# A usage log: (tenant, tokens) per offset, some entries re-publishing an earlier event (same id).
+log_entries = st.lists(
+    st.tuples(st.sampled_from(["a", "b", "c"]), st.integers(0, 500), st.integers(0, 40)), min_size=1, max_size=60
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(entries=log_entries, crash_points=st.lists(st.integers(0, 60), max_size=5), data=st.data())
+def test_any_delivery_with_duplicates_and_crash_replays_gives_one_clean_pass(
+    entries: list[tuple[str, int, int]], crash_points: list[int], data: st.DataObject
+) -> None:
+    """Build a partition log where some records duplicate earlier events; deliver it with crashes
+    that restore from the last flushed changelog and re-read from the last committed offset."""
+    log: list[UsageEvent] = []
+    for tenant, tokens, back in entries:
+        if back and back <= len(log):
+            log.append(log[-back])  # a re-published event: same id, new offset
+        else:
+            log.append(event(tenant, tokens))
+    clean: dict[tuple[str, str], int] = {}
+    seen: set[str] = set()
+    for e in log:
+        if e.event_id not in seen:
+            seen.add(e.event_id)
+            clean[(e.tenant_id, e.period_key)] = clean.get((e.tenant_id, e.period_key), 0) + e.total_tokens
+
+    changelog: dict[tuple[str, str], object] = {}
+    committed = 0
+    state = TotalsState(Limits(default_limit=10**9))
+    position = 0
+    crashes = sorted(set(crash_points))
+    while position < len(log):
+        state.apply(0, position, log[position])
+        position += 1
+        if data.draw(st.booleans(), label="flush here"):
+            dirty, _ = state.take_changes()
+            for key, totals in dirty:
+                changelog[key] = state.to_record(key, totals, NOW)
+            # Commit lags the changelog by a random amount (a crash between steps 3 and 4).
+            committed = data.draw(st.integers(committed, position), label="commit")
+        if crashes and position >= crashes[0]:
+            crashes.pop(0)
+            state = TotalsState(Limits(default_limit=10**9))
+            for record in changelog.values():
+                state.restore(record)  # type: ignore[arg-type]
+            state.remember(0, (e.event_id for e in log[max(0, committed - state.dedup_window) : committed]))
+            position = committed
+    assert {key: totals.used for key, totals in state.totals.items() if totals.events} == clean

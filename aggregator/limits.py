@@ -1,0 +1,121 @@
+"""Kafka -> limits table: every aggregator reads the whole compacted limits topic.
+
+At start it reads to the end before any usage is judged; afterwards each change (a new limit, or
+a tombstone that removes one) is applied at once and the affected keys are re-judged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from aggregator.config import AggregatorConfig
+from aggregator.state import Limits
+from producer.kafka_admin import reached, topic_partitions
+from schemas.errors import DecodeError
+from schemas.wire import decode_limit
+
+log = logging.getLogger(__name__)
+
+OnChange = Callable[[str | None], Awaitable[None]]
+
+
+def tenant_of_limit_key(key: bytes | None) -> tuple[bool, str | None]:
+    """(valid, tenant id or None for the default) from a limits record key."""
+    try:
+        parts = json.loads(key or b"")
+    except ValueError:
+        return False, None
+    if parts == ["default"]:
+        return True, None
+    if isinstance(parts, list) and len(parts) == 2 and parts[0] == "tenant" and isinstance(parts[1], str):
+        return True, parts[1]
+    return False, None
+
+
+class LimitsFeed:
+    def __init__(self, config: AggregatorConfig, limits: Limits, *, on_change: OnChange) -> None:
+        self._config = config
+        self._limits = limits
+        self._on_change = on_change
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.invalid = 0
+
+    async def start(self, timeout_s: float = 30.0) -> None:
+        if self._consumer is not None:
+            return
+        topic = self._config.topics.limits
+        tps = [TopicPartition(topic, p) for p in await topic_partitions(self._config.connection, topic)]
+        consumer = AIOKafkaConsumer(
+            **self._config.connection.client_kwargs(),
+            client_id=f"{self._config.aggregator_id}-limits",
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=100,
+        )
+        await consumer.start()
+        try:
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            async with asyncio.timeout(timeout_s):
+                while not await reached(consumer, ends):
+                    for records in (await consumer.getmany(timeout_ms=200)).values():
+                        for record in records:
+                            self._take(record.key, record.value)
+        except BaseException:
+            await consumer.stop()
+            raise
+        self._consumer = consumer
+        self._task = asyncio.create_task(self._run(), name="tokenguard-limits")
+        log.info("limits loaded: %d tenants, default %s", len(self._limits.per_tenant), self._limits.topic_default)
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await consumer.stop()
+
+    def _take(self, key: bytes | None, value: bytes | None) -> tuple[bool, str | None]:
+        """Apply one limits record; (applied, tenant id or None for the default)."""
+        valid, tenant_id = tenant_of_limit_key(key)
+        if not valid:
+            self.invalid += 1
+            log.error("limits record with an unreadable key %r ignored", key)
+            return False, None
+        if value is None:
+            self._limits.delete(tenant_id)
+            return True, tenant_id
+        try:
+            limit = decode_limit(value)
+        except DecodeError as exc:
+            self.invalid += 1
+            log.error("invalid limits record for %r ignored: %s", tenant_id, exc)
+            return False, None
+        if limit.tenant_id != tenant_id:
+            self.invalid += 1
+            log.error("limits record key names %r but its value names %r; ignored", tenant_id, limit.tenant_id)
+            return False, None
+        self._limits.set(limit)
+        return True, tenant_id
+
+    async def _run(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        while True:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                for record in records:
+                    applied, tenant_id = self._take(record.key, record.value)
+                    if applied:
+                        await self._on_change(tenant_id)
