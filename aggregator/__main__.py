@@ -11,40 +11,69 @@ from dataclasses import replace
 
 from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
+from aggregator.verify import verify
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bootstrap-servers", help="Kafka bootstrap servers [KAFKA_BOOTSTRAP_SERVERS]")
+    parser.add_argument("--topic-prefix", help="topic name prefix, default 'tokenguard.' [TOKENGUARD_TOPIC_PREFIX]")
+    parser.add_argument("--group-id", help="consumer group, default 'tokenguard-aggregator' [TOKENGUARD_GROUP_ID]")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["verify"]:
+        parser = argparse.ArgumentParser(
+            prog="python -m aggregator verify",
+            description=(
+                "Recompute totals from the usage topic by an independent code path (same validation, "
+                "every repeated event id dropped) and compare them with the aggregator's changelog. "
+                "Exit 0: no differences; 1: differences (printed); 2: the group did not catch up in time."
+            ),
+        )
+        _common(parser)
+        parser.add_argument("--wait-s", type=float, default=60.0, help="how long to wait for the group to catch up")
+        args = parser.parse_args(argv[1:])
+        args.command = "verify"
+        return args
     parser = argparse.ArgumentParser(
         prog="python -m aggregator",
         description=(
             "Consume usage events, keep exact token totals per tenant and period, and publish "
-            "over-quota notices. Every flag has an environment variable; the flag wins."
+            "over-quota notices. Every flag has an environment variable; the flag wins. "
+            "'python -m aggregator verify --help' for the verifier."
         ),
     )
-    parser.add_argument("--bootstrap-servers", help="Kafka bootstrap servers [KAFKA_BOOTSTRAP_SERVERS]")
-    parser.add_argument("--topic-prefix", help="topic name prefix, default 'tokenguard.' [TOKENGUARD_TOPIC_PREFIX]")
+    _common(parser)
     parser.add_argument("--partitions", type=int, help="partitions of usage/totals/notices when creating them [TOKENGUARD_PARTITIONS]")
-    parser.add_argument("--group-id", help="consumer group, default 'tokenguard-aggregator' [TOKENGUARD_GROUP_ID]")
     parser.add_argument("--default-limit", type=int, help="tokens per tenant and period when the limits topic sets none; "
                         "without it, the limit each event carries [TOKENGUARD_DEFAULT_LIMIT]")
     parser.add_argument("--warning-ratio", type=float, help="fraction of the limit that triggers a warning notice, default 0.8")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    return parser.parse_args(argv)
+    parser.add_argument("--instance-id", help="static group membership id: a restart takes its partitions back at once "
+                        "[TOKENGUARD_AGGREGATOR_INSTANCE_ID]")
+    args = parser.parse_args(argv)
+    args.command = "run"
+    return args
 
 
 def config_from_args(args: argparse.Namespace) -> AggregatorConfig:
     config = AggregatorConfig.from_env(
-        group_id=args.group_id, default_limit=args.default_limit, warning_ratio=args.warning_ratio
+        group_id=args.group_id,
+        default_limit=getattr(args, "default_limit", None),
+        warning_ratio=getattr(args, "warning_ratio", None),
+        group_instance_id=getattr(args, "instance_id", None),
     )
     if args.bootstrap_servers:
         config = replace(config, connection=replace(config.connection, bootstrap_servers=args.bootstrap_servers))
-    if args.topic_prefix or args.partitions:
+    partitions = getattr(args, "partitions", None)
+    if args.topic_prefix or partitions:
         config = replace(
             config,
             topics=replace(
                 config.topics,
                 prefix=args.topic_prefix or config.topics.prefix,
-                partitions=args.partitions or config.topics.partitions,
+                partitions=partitions or config.topics.partitions,
             ),
         )
     return config
@@ -71,10 +100,29 @@ async def serve(config: AggregatorConfig) -> int:
     return 1 if failed else 0
 
 
+async def run_verify(config: AggregatorConfig, wait_s: float) -> int:
+    report = await verify(config.connection, config.topics, config.group_id, wait_s=wait_s)
+    print(
+        f"usage records read: {report.records}; events counted: {report.events}; "
+        f"tenant-periods: {report.keys}; duplicates dropped: {report.duplicates}; "
+        f"invalid: {report.invalid or 0}; group lag: {report.lag}"
+    )
+    for difference in report.differences:
+        print(f"DIFFERENCE {difference}")
+    print(f"differences: {len(report.differences)}")
+    if report.lag > 0:
+        print(f"the aggregator group {config.group_id!r} is {report.lag} records behind; totals are not final")
+        return 2
+    return 1 if report.differences else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(serve(config_from_args(args)))
+    config = config_from_args(args)
+    if args.command == "verify":
+        return asyncio.run(run_verify(config, args.wait_s))
+    return asyncio.run(serve(config))
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ class AggregatorConfig:
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> AggregatorConfig:
         """``KAFKA_*`` for the connection; ``TOKENGUARD_TOPIC_PREFIX``, ``TOKENGUARD_PARTITIONS``,
         ``TOKENGUARD_GROUP_ID``, ``TOKENGUARD_DEFAULT_LIMIT``, ``TOKENGUARD_WARNING_RATIO``,
-        ``TOKENGUARD_IDEMPOTENCE``, ``TOKENGUARD_AGGREGATOR_INSTANCE_ID``, ``TOKENGUARD_DEDUP_WINDOW``. Keyword overrides (from flags) win over the environment."""
+        ``TOKENGUARD_IDEMPOTENCE``, ``TOKENGUARD_AGGREGATOR_INSTANCE_ID``, ``TOKENGUARD_DEDUP_WINDOW``,
+        ``TOKENGUARD_SESSION_TIMEOUT_MS``. Keyword overrides (from flags) win over the environment."""
         env = os.environ if env is None else env
         default_limit = env.get("TOKENGUARD_DEFAULT_LIMIT")
         values: dict[str, object] = {
@@ -67,6 +68,7 @@ class AggregatorConfig:
             "idempotence": env.get("TOKENGUARD_IDEMPOTENCE", "true").lower() not in ("0", "false", "no"),
             "group_instance_id": env.get("TOKENGUARD_AGGREGATOR_INSTANCE_ID") or None,
             "dedup_window": int(env.get("TOKENGUARD_DEDUP_WINDOW", cls.dedup_window)),
+            "session_timeout_ms": int(env.get("TOKENGUARD_SESSION_TIMEOUT_MS", cls.session_timeout_ms)),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]

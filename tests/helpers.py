@@ -1,0 +1,83 @@
+"""Test helpers shared by the integration tests."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from aiokafka import AIOKafkaProducer
+
+from aggregator.config import AggregatorConfig
+from producer.config import KafkaConnection
+from schemas.usage import UsageEvent
+
+REPO = Path(__file__).resolve().parent.parent
+_ids = itertools.count()
+
+
+def make_event(tenant: str, tokens: int, *, period: str = "2026-04", quota: int = 10**12) -> UsageEvent:
+    return UsageEvent(
+        event_id=f"test{next(_ids):012d}", tenant_id=tenant, period_key=period, total_tokens=tokens,
+        input_tokens=tokens // 3, output_tokens=tokens - tokens // 3, quota_tokens=quota,
+        event_time=datetime.now(timezone.utc), instance_id="test",
+    )
+
+
+async def send_raw(connection: KafkaConnection, topic: str, records: list[tuple[bytes | None, bytes | None]]) -> None:
+    """Produce records exactly as given (keys and values as bytes), in order, to ``topic``."""
+    producer = AIOKafkaProducer(**connection.client_kwargs(), acks="all", max_request_size=4 * 1024 * 1024)
+    await producer.start()
+    try:
+        for key, value in records:
+            await producer.send_and_wait(topic, value, key=key)
+    finally:
+        await producer.stop()
+
+
+class AggregatorProcess:
+    """``python -m aggregator`` as a child process, to be killed for real."""
+
+    def __init__(self, config: AggregatorConfig, *, instance_id: str | None = None, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.instance_id = instance_id
+        self.env = env or {}
+        self.process: asyncio.subprocess.Process | None = None
+        self.log_path = REPO / ".cache" / "test-logs" / f"{config.topics.prefix}{instance_id or 'agg'}.log"
+
+    async def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        args = [
+            sys.executable, "-m", "aggregator",
+            "--bootstrap-servers", self.config.connection.bootstrap_servers,
+            "--topic-prefix", self.config.topics.prefix,
+            "--partitions", str(self.config.topics.partitions),
+            "--group-id", self.config.group_id,
+            "--log-level", "INFO",
+        ]
+        if self.instance_id:
+            args += ["--instance-id", self.instance_id]
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *args, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **self.env},
+                stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL,
+            )
+        finally:
+            log.close()
+
+    async def kill(self) -> None:
+        """SIGKILL: no flush, no leave-group, no goodbye."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        await self.process.wait()
+
+    async def terminate(self, timeout: float = 30) -> int:
+        assert self.process is not None
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+        return await asyncio.wait_for(self.process.wait(), timeout)
