@@ -9,6 +9,7 @@ import time
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError
 
 from producer.config import KafkaConnection
 from producer.errors import TokenGuardError
@@ -117,8 +118,17 @@ async def committed_offsets(connection: KafkaConnection, group_id: str, topic: s
     """
     admin = AIOKafkaAdminClient(**connection.client_kwargs(), client_id="tokenguard-admin")
     await admin.start()
+    deadline = time.monotonic() + 30
     try:
-        offsets = await admin.list_consumer_group_offsets(group_id)
+        while True:
+            try:
+                offsets = await admin.list_consumer_group_offsets(group_id)
+                break
+            except KafkaError as exc:
+                # A broker's first group creates the offsets topic; until then there is no coordinator.
+                if not exc.retriable or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
     finally:
         await admin.close()
     return {
