@@ -12,13 +12,16 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from aggregator.config import AggregatorConfig
 from aggregator.state import Limits
 from producer.kafka_admin import reached, topic_partitions
 from schemas.errors import DecodeError
-from schemas.wire import decode_limit
+from producer.config import KafkaConnection
+from schemas.limits import QuotaLimit
+from schemas.topics import TopicLayout
+from schemas.wire import decode_limit, encode, limit_key
 
 log = logging.getLogger(__name__)
 
@@ -119,3 +122,22 @@ class LimitsFeed:
                     applied, tenant_id = self._take(record.key, record.value)
                     if applied:
                         await self._on_change(tenant_id)
+
+
+async def write_limit(connection: KafkaConnection, layout: TopicLayout, limit: QuotaLimit) -> None:
+    """Set a tenant's limit (or the default, ``tenant_id=None``) on the compacted limits topic."""
+    await _write(connection, layout.limits, limit_key(limit.tenant_id), encode(limit))
+
+
+async def delete_limit(connection: KafkaConnection, layout: TopicLayout, tenant_id: str | None) -> None:
+    """Remove a tenant's limit (a tombstone); the next rule in line applies again."""
+    await _write(connection, layout.limits, limit_key(tenant_id), None)
+
+
+async def _write(connection: KafkaConnection, topic: str, key: bytes, value: bytes | None) -> None:
+    producer = AIOKafkaProducer(**connection.client_kwargs(), client_id="tokenguard-limits-writer", acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, value, key=key)
+    finally:
+        await producer.stop()

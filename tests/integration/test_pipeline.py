@@ -207,3 +207,39 @@ async def test_aggregator_cli_runs_and_stops_cleanly_on_sigterm(
         _, stderr = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 0, stderr.decode()[-2000:]
     assert b"aggregator stopped" in stderr
+
+
+async def test_limit_changes_apply_at_once_raised_unblocks_lowered_blocks(
+    producer_config: ProducerConfig, aggregator_config: AggregatorConfig
+) -> None:
+    from aggregator.limits import delete_limit, write_limit
+    from schemas.limits import QuotaLimit
+
+    layout = aggregator_config.topics
+    period = "2026-04"
+
+    def state_is(state: str, limit: int):  # type: ignore[no-untyped-def]
+        def check(snap) -> bool:  # type: ignore[no-untyped-def]
+            notice = snap.notice("acme", period)
+            return notice is not None and notice.state == state and notice.limit_tokens == limit
+
+        return check
+
+    async with AggregatorService(aggregator_config) as aggregator, KafkaQuotaStore(producer_config) as store:
+        await asyncio.wait_for(aggregator.assigned.wait(), 30)
+        store.record(usage("acme", 600, period=period, quota=500))
+        await store.feed.wait_until(state_is("exceeded", 500), timeout=30)
+        assert not store.check("acme", period, 500).allowed
+
+        now = datetime.now(timezone.utc)
+        await write_limit(producer_config.connection, layout, QuotaLimit(tenant_id="acme", limit_tokens=10_000, updated_at=now))
+        await store.feed.wait_until(state_is("ok", 10_000), timeout=30)
+        assert store.check("acme", period, 500).allowed, "a raised limit unblocks at once"
+        assert store.snapshot.notice("acme", period).reason == "limit_changed"  # type: ignore[union-attr]
+
+        await write_limit(producer_config.connection, layout, QuotaLimit(tenant_id="acme", limit_tokens=100, updated_at=now))
+        await store.feed.wait_until(state_is("exceeded", 100), timeout=30)
+        assert not store.check("acme", period, 500).allowed, "a lowered limit blocks at once"
+
+        await delete_limit(producer_config.connection, layout, "acme")
+        await store.feed.wait_until(state_is("exceeded", 500), timeout=30)  # back to the event's quota
