@@ -7,8 +7,8 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from producer.config import KafkaConnection
-from schemas.topics import DEFAULT_PREFIX, TopicLayout
+from producer.config import KafkaConnection, flag_from_env, layout_from_env
+from schemas.topics import TopicLayout
 
 
 def default_aggregator_id() -> str:
@@ -58,14 +58,11 @@ class AggregatorConfig:
         default_limit = env.get("TOKENGUARD_DEFAULT_LIMIT")
         values: dict[str, object] = {
             "connection": KafkaConnection.from_env(env),
-            "topics": TopicLayout(
-                prefix=env.get("TOKENGUARD_TOPIC_PREFIX", DEFAULT_PREFIX),
-                partitions=int(env.get("TOKENGUARD_PARTITIONS", TopicLayout.partitions)),
-            ),
+            "topics": layout_from_env(env),
             "group_id": env.get("TOKENGUARD_GROUP_ID", cls.group_id),
             "default_limit": int(default_limit) if default_limit else None,
             "warning_ratio": float(env.get("TOKENGUARD_WARNING_RATIO", cls.warning_ratio)),
-            "idempotence": env.get("TOKENGUARD_IDEMPOTENCE", "true").lower() not in ("0", "false", "no"),
+            "idempotence": flag_from_env(env, "TOKENGUARD_IDEMPOTENCE", True),
             "group_instance_id": env.get("TOKENGUARD_AGGREGATOR_INSTANCE_ID") or None,
             "dedup_window": int(env.get("TOKENGUARD_DEDUP_WINDOW", cls.dedup_window)),
             "session_timeout_ms": int(env.get("TOKENGUARD_SESSION_TIMEOUT_MS", cls.session_timeout_ms)),

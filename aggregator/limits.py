@@ -6,17 +6,16 @@ a tombstone that removes one) is applied at once and the affected keys are re-ju
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
+from aiokafka.structs import ConsumerRecord
 
 from aggregator.config import AggregatorConfig
 from aggregator.state import Limits
-from producer.kafka_admin import reached, topic_partitions
+from producer.follower import TopicFollower
 from schemas.errors import DecodeError
 from producer.config import KafkaConnection
 from schemas.limits import QuotaLimit
@@ -42,53 +41,31 @@ def tenant_of_limit_key(key: bytes | None) -> tuple[bool, str | None]:
 
 
 class LimitsFeed:
+    """Keeps a ``Limits`` table current; ``on_change`` re-judges the affected keys."""
+
     def __init__(self, config: AggregatorConfig, limits: Limits, *, on_change: OnChange) -> None:
-        self._config = config
         self._limits = limits
         self._on_change = on_change
-        self._consumer: AIOKafkaConsumer | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._loaded = False
+        self._follower = TopicFollower(
+            config.connection, config.topics.limits, self._take_all, client_id=f"{config.aggregator_id}-limits"
+        )
         self.invalid = 0
 
-    async def start(self, timeout_s: float = 30.0) -> None:
-        if self._consumer is not None:
-            return
-        topic = self._config.topics.limits
-        tps = [TopicPartition(topic, p) for p in await topic_partitions(self._config.connection, topic)]
-        consumer = AIOKafkaConsumer(
-            **self._config.connection.client_kwargs(),
-            client_id=f"{self._config.aggregator_id}-limits",
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=100,
-        )
-        await consumer.start()
-        try:
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            ends = await consumer.end_offsets(tps)
-            async with asyncio.timeout(timeout_s):
-                while not await reached(consumer, ends):
-                    for records in (await consumer.getmany(timeout_ms=200)).values():
-                        for record in records:
-                            self._take(record.key, record.value)
-        except BaseException:
-            await consumer.stop()
-            raise
-        self._consumer = consumer
-        self._task = asyncio.create_task(self._run(), name="tokenguard-limits")
+    async def start(self) -> None:
+        """Return once every limit on the topic is loaded; then follow changes."""
+        await self._follower.start()
+        self._loaded = True
         log.info("limits loaded: %d tenants, default %s", len(self._limits.per_tenant), self._limits.topic_default)
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            await consumer.stop()
+        await self._follower.stop()
+
+    async def _take_all(self, records: list[ConsumerRecord]) -> None:
+        for record in records:
+            applied, tenant_id = self._take(record.key, record.value)
+            if applied and self._loaded:
+                await self._on_change(tenant_id)
 
     def _take(self, key: bytes | None, value: bytes | None) -> tuple[bool, str | None]:
         """Apply one limits record; (applied, tenant id or None for the default)."""
@@ -112,16 +89,6 @@ class LimitsFeed:
             return False, None
         self._limits.set(limit)
         return True, tenant_id
-
-    async def _run(self) -> None:
-        consumer = self._consumer
-        assert consumer is not None
-        while True:
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                for record in records:
-                    applied, tenant_id = self._take(record.key, record.value)
-                    if applied:
-                        await self._on_change(tenant_id)
 
 
 async def write_limit(connection: KafkaConnection, layout: TopicLayout, limit: QuotaLimit) -> None:

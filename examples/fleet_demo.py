@@ -23,14 +23,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.live import Live  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import localkafka  # noqa: E402
 from producer import KafkaConnection, ensure_topics  # noqa: E402
-from producer.kafka_admin import topic_partitions  # noqa: E402
+from producer.follower import TopicFollower  # noqa: E402
 from schemas.notices import Heartbeat  # noqa: E402
 from schemas.topics import TopicLayout  # noqa: E402
 from schemas.totals import TotalsRecord  # noqa: E402
@@ -52,52 +51,33 @@ class Watcher:
     """Follows the totals changelog and the notices topic, as an operator's dashboard would."""
 
     def __init__(self, connection: KafkaConnection, layout: TopicLayout) -> None:
-        self.connection = connection
-        self.layout = layout
         self.totals: dict[str, TotalsRecord] = {}
         self.heartbeats = 0
         self.notices = 0
-        self._consumer: AIOKafkaConsumer | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._followers = [
+            TopicFollower(connection, layout.totals, self._take_totals, client_id="demo-totals"),
+            TopicFollower(connection, layout.notices, self._take_notices, client_id="demo-notices"),
+        ]
 
     async def start(self) -> None:
-        tps = [
-            TopicPartition(topic, p)
-            for topic in (self.layout.totals, self.layout.notices)
-            for p in await topic_partitions(self.connection, topic)
-        ]
-        consumer = AIOKafkaConsumer(
-            **self.connection.client_kwargs(), group_id=None, enable_auto_commit=False,
-            auto_offset_reset="earliest", fetch_max_wait_ms=100,
-        )
-        await consumer.start()
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        self._consumer = consumer
-        self._task = asyncio.create_task(self._run())
+        for follower in self._followers:
+            await follower.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self._consumer is not None:
-            await self._consumer.stop()
-            self._consumer = None
+        for follower in self._followers:
+            await follower.stop()
 
-    async def _run(self) -> None:
-        assert self._consumer is not None
-        while True:
-            for tp, records in (await self._consumer.getmany(timeout_ms=200)).items():
-                for record in records:
-                    if tp.topic == self.layout.totals:
-                        totals = decode_totals(record.value)
-                        self.totals[totals.tenant_id] = totals
-                    elif isinstance(decode_notice(record.value), Heartbeat):
-                        self.heartbeats += 1
-                    else:
-                        self.notices += 1
+    async def _take_totals(self, records: list) -> None:  # type: ignore[type-arg]
+        for record in records:
+            totals = decode_totals(record.value)
+            self.totals[totals.tenant_id] = totals
+
+    async def _take_notices(self, records: list) -> None:  # type: ignore[type-arg]
+        for record in records:
+            if isinstance(decode_notice(record.value), Heartbeat):
+                self.heartbeats += 1
+            else:
+                self.notices += 1
 
 
 def live_table(watcher: Watcher, elapsed: float) -> Table:

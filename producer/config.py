@@ -72,6 +72,19 @@ class KafkaConnection:
         )
 
 
+def layout_from_env(env: Mapping[str, str]) -> TopicLayout:
+    """``TOKENGUARD_TOPIC_PREFIX`` and ``TOKENGUARD_PARTITIONS``: shared by every component."""
+    return TopicLayout(
+        prefix=env.get("TOKENGUARD_TOPIC_PREFIX", DEFAULT_PREFIX),
+        partitions=int(env.get("TOKENGUARD_PARTITIONS", TopicLayout.partitions)),
+    )
+
+
+def flag_from_env(env: Mapping[str, str], name: str, default: bool) -> bool:
+    value = env.get(name)
+    return default if value is None else value.strip().lower() not in ("0", "false", "no", "off", "")
+
+
 def default_instance_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -104,10 +117,7 @@ class ProducerConfig:
         env = os.environ if env is None else env
         return cls(
             connection=KafkaConnection.from_env(env),
-            topics=TopicLayout(
-                prefix=env.get("TOKENGUARD_TOPIC_PREFIX", DEFAULT_PREFIX),
-                partitions=int(env.get("TOKENGUARD_PARTITIONS", TopicLayout.partitions)),
-            ),
+            topics=layout_from_env(env),
             instance_id=env.get("TOKENGUARD_INSTANCE_ID") or default_instance_id(),
-            idempotence=env.get("TOKENGUARD_IDEMPOTENCE", "true").lower() not in ("0", "false", "no"),
+            idempotence=flag_from_env(env, "TOKENGUARD_IDEMPOTENCE", True),
         )
