@@ -190,3 +190,54 @@ async def test_bad_input_classes_end_in_the_dead_letter_topic_with_a_reason(
     want = sorted((value or b"", reason) for _, _, value, reason in BAD_RECORDS)
     assert got == want, "each bad record is dead-lettered once, with its original bytes and its reason"
     assert all(dict(letter.headers)["tokenguard.error.detail"] for letter in letters if letter.value)
+
+
+async def run_verify_cli(config: AggregatorConfig) -> tuple[int, str]:
+    import os
+    import sys
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "aggregator", "verify", "--bootstrap-servers", config.connection.bootstrap_servers,
+        "--topic-prefix", config.topics.prefix, "--group-id", config.group_id, "--wait-s", "30",
+        env={**os.environ, "PYTHONPATH": "."}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )
+    stdout, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, stdout.decode()
+
+
+@pytest.mark.timeout(180)
+async def test_verify_cli_exits_zero_when_exact_and_one_on_a_difference(
+    producer_config: ProducerConfig, aggregator_config: AggregatorConfig
+) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    from aggregator.changelog import read_changelog
+    from schemas.wire import tenant_period_key
+
+    async with AggregatorService(aggregator_config) as aggregator:
+        await asyncio.wait_for(aggregator.assigned.wait(), 30)
+        async with UsagePublisher(producer_config) as publisher:
+            for index in range(500):
+                publisher.publish(make_event(f"t{index % 9}", 10))
+            await publisher.flush()
+        await verified(aggregator_config)
+    code, out = await run_verify_cli(aggregator_config)
+    assert code == 0 and "differences: 0" in out, out
+
+    # Corrupt one changelog record behind the aggregator's back: the verifier must notice.
+    records = await read_changelog(aggregator_config.connection, aggregator_config.topics.totals)
+    (tenant, period), record = sorted(records.items())[0]
+    forged = record.model_copy(update={"used_tokens": record.used_tokens + 1})
+    producer = AIOKafkaProducer(**aggregator_config.connection.client_kwargs())
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            aggregator_config.topics.totals, encode(forged), key=tenant_period_key(tenant, period),
+            partition=record.usage_partition,
+        )
+    finally:
+        await producer.stop()
+    code, out = await run_verify_cli(aggregator_config)
+    assert code == 1, out
+    assert f"DIFFERENCE '{tenant}' '{period}'" in out and "differences: 1" in out
