@@ -6,6 +6,7 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import SecretStr
@@ -106,6 +107,28 @@ class ProducerConfig:
     create_topics: bool = True
     # How long start() waits for the notices topic to be read to its end.
     catch_up_timeout_s: float = 15.0
+    # A batch not acknowledged within this goes to the spool; stop() delivers for at most stop_timeout_s.
+    send_timeout_s: float = 5.0
+    stop_timeout_s: float = 10.0
+    # Where undeliverable usage waits on disk (None: memory only, lost if the process stops).
+    spool_dir: Path | None = field(default_factory=lambda: Path.home() / ".cache" / "tokenguard" / "spool")
+    spool_max_bytes: int = 256 * 1024 * 1024
+    # When the spool is full: "block" refuses new calls (UsageSpoolFullError) until Kafka takes the
+    # spool; "drop_oldest" deletes the oldest spooled events, counted and logged as errors.
+    spool_full_policy: Literal["block", "drop_oldest"] = "block"
+    # No heartbeat from a tenant's aggregator for this long makes its quota state stale; then
+    # "fail_open" admits every call (counted), "fail_closed" refuses every call, and
+    # "local_only" goes on judging with the last known totals plus this process's own spend.
+    stale_after_s: float = 15.0
+    stale_policy: Literal["fail_open", "fail_closed", "local_only"] = "fail_open"
+
+    def __post_init__(self) -> None:
+        if self.spool_full_policy not in ("block", "drop_oldest"):
+            raise ValueError(f"spool_full_policy must be 'block' or 'drop_oldest', got {self.spool_full_policy!r}")
+        if self.stale_policy not in ("fail_open", "fail_closed", "local_only"):
+            raise ValueError(f"stale_policy must be fail_open, fail_closed or local_only, got {self.stale_policy!r}")
+        if self.send_timeout_s <= 0 or self.stale_after_s <= 0:
+            raise ValueError("send_timeout_s and stale_after_s must be positive")
 
     def with_bootstrap(self, bootstrap_servers: str) -> ProducerConfig:
         return replace(self, connection=replace(self.connection, bootstrap_servers=bootstrap_servers))
@@ -113,11 +136,30 @@ class ProducerConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ProducerConfig:
         """``KAFKA_*`` for the connection, ``TOKENGUARD_TOPIC_PREFIX``, ``TOKENGUARD_PARTITIONS``,
-        ``TOKENGUARD_INSTANCE_ID``, ``TOKENGUARD_IDEMPOTENCE`` (true/false)."""
+        ``TOKENGUARD_INSTANCE_ID``, ``TOKENGUARD_IDEMPOTENCE`` (true/false), ``TOKENGUARD_SPOOL_DIR``
+        (empty: no spool), ``TOKENGUARD_SPOOL_MAX_BYTES``, ``TOKENGUARD_SPOOL_FULL_POLICY``,
+        ``TOKENGUARD_STALE_AFTER_S``, ``TOKENGUARD_STALE_POLICY``."""
         env = os.environ if env is None else env
         return cls(
             connection=KafkaConnection.from_env(env),
             topics=layout_from_env(env),
             instance_id=env.get("TOKENGUARD_INSTANCE_ID") or default_instance_id(),
             idempotence=flag_from_env(env, "TOKENGUARD_IDEMPOTENCE", True),
+            **_spool_and_staleness(env),
         )
+
+
+def _spool_and_staleness(env: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    spool_dir = env.get("TOKENGUARD_SPOOL_DIR")
+    if spool_dir is not None:
+        values["spool_dir"] = Path(spool_dir).expanduser() if spool_dir.strip() else None
+    for name, key, kind in (
+        ("TOKENGUARD_SPOOL_MAX_BYTES", "spool_max_bytes", int),
+        ("TOKENGUARD_SPOOL_FULL_POLICY", "spool_full_policy", str),
+        ("TOKENGUARD_STALE_AFTER_S", "stale_after_s", float),
+        ("TOKENGUARD_STALE_POLICY", "stale_policy", str),
+    ):
+        if env.get(name):
+            values[key] = kind(env[name])
+    return values

@@ -16,3 +16,13 @@ class QuotaExceededError(TokenGuardError, RuntimeError):
 
 class PublisherError(TokenGuardError):
     """The usage publisher was used outside its lifecycle (not started, or stopped)."""
+
+
+class QuotaUnavailableError(QuotaExceededError):
+    """Refused because the quota state is unknown (aggregator silent past ``stale_after_s``) and the
+    staleness policy is ``fail_closed``. A ``QuotaExceededError``, so existing handlers see a block."""
+
+
+class UsageSpoolFullError(TokenGuardError):
+    """Refused before the LLM call: Kafka is away and the usage spool is full (policy ``block``), so
+    the call's usage could not be kept."""

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import dataclass
 
 from producer.config import ProducerConfig
+from producer.errors import UsageSpoolFullError
 from producer.kafka_admin import ensure_topics
 from producer.notices_feed import NoticesFeed
 from producer.publisher import UsagePublisher
@@ -23,6 +25,12 @@ from producer.store import CallUsage, Decision
 from schemas.usage import USAGE_SCHEMA_VERSION, UsageEvent
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class StoreStats:
+    stale_decisions: int = 0
+    stale_refusals: int = 0
 
 
 class KafkaQuotaStore:
@@ -36,6 +44,8 @@ class KafkaQuotaStore:
         self._attributes = dict(attributes or {})
         self._started = False
         self._valid_keys: set[tuple[str, str]] = set()
+        self._stale_partitions: set[int] = set()
+        self.stats = StoreStats()
 
     def __repr__(self) -> str:
         return f"KafkaQuotaStore(bootstrap={self.config.connection.bootstrap_servers!r}, instance={self.config.instance_id!r})"
@@ -71,7 +81,35 @@ class KafkaQuotaStore:
     def check(self, tenant_id: str, period_key: str, quota_tokens: int) -> Decision:
         if (tenant_id, period_key) not in self._valid_keys:
             self._validate_key(tenant_id, period_key)
-        return self.snapshot.decide(tenant_id, period_key, quota_tokens)
+        if self.publisher.spool_full and self.config.spool_full_policy == "block":
+            raise UsageSpoolFullError(
+                f"Kafka is unreachable and the usage spool is full; call refused so its usage is not lost "
+                f"(spool {self.config.spool_dir})"
+            )
+        decision = self.snapshot.decide(tenant_id, period_key, quota_tokens)
+        partition = self.publisher.partition_of(tenant_id)
+        age = self.snapshot.heartbeat_age(partition)
+        if age is not None and age <= self.config.stale_after_s:
+            if partition in self._stale_partitions:
+                self._stale_partitions.discard(partition)
+                log.warning("aggregator of usage partition %d is heard from again", partition)
+            return decision
+        return self._stale(partition, age, decision)
+
+    def _stale(self, partition: int, age: float | None, decision: Decision) -> Decision:
+        """The aggregator judging this tenant has been silent too long: apply the staleness policy."""
+        self.stats.stale_decisions += 1
+        policy = self.config.stale_policy
+        if partition not in self._stale_partitions:
+            self._stale_partitions.add(partition)
+            heard = "never heard from" if age is None else f"silent for {age:.0f}s"
+            log.warning("aggregator of usage partition %d %s; quota decisions follow policy %s", partition, heard, policy)
+        if policy == "fail_open":
+            return Decision(True, decision.used, decision.limit, final=True)
+        if policy == "fail_closed":
+            self.stats.stale_refusals += 1
+            return Decision(False, decision.used, decision.limit, reason="quota_state_stale", final=True)
+        return decision  # local_only: the last known totals plus this process's own spend
 
     def _validate_key(self, tenant_id: str, period_key: str) -> None:
         """Refuse, before the LLM is called, ids the aggregator would dead-letter."""
@@ -100,7 +138,7 @@ class KafkaQuotaStore:
             quota_tokens=usage.quota_tokens,
             event_time=usage.event_time,
             streaming=usage.streaming,
-            estimated=False,
+            estimated=usage.estimated,
             instance_id=self.config.instance_id,
             attributes=self._attributes,
         )

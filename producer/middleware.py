@@ -2,31 +2,58 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from agent_framework import ChatContext, ChatMiddleware
 
-from producer.errors import QuotaExceededError
+from producer.errors import QuotaExceededError, QuotaUnavailableError
+from producer.estimate import estimate_input_tokens
+from producer.inflight import InFlight, Reservation
 from producer.periods import month_key
-from producer.records import maybe_await, quota_alert, token_counts, usage_record
-from producer.store import CallUsage, QuotaBackend, QuotaStore, UsageCallback, as_backend
+from producer.records import quota_alert, token_counts, usage_record
+from producer.store import CallUsage, Decision, QuotaBackend, QuotaStore, UsageCallback, as_backend
+from producer.streams import StreamUsage
 from producer.tenancy import default_user_id_getter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MiddlewareStats:
+    calls: int = 0
+    blocked: int = 0
+    estimated: int = 0
+    callback_errors: int = 0
+    max_tokens_clamped: int = 0
 
 
 class TokenGuardMiddleware(ChatMiddleware):
     """Blocks a call before it reaches the LLM when its tenant's quota is used up; records usage after.
 
     Args:
-        on_usage: Called after every call that reported usage, with the seed's usage record. Optional
-            when ``quota_store`` is a ``KafkaQuotaStore``, which publishes every call itself.
         quota_store: A seed-style ``QuotaStore`` (``get_usage``/``add_usage``) or a ``QuotaBackend``
             such as ``KafkaQuotaStore``.
         quota_tokens: Tokens allowed per tenant and period, unless the limits topic sets another.
+        on_usage: Called after every call with the seed's usage record (plus ``estimated``). Optional
+            when ``quota_store`` is a ``KafkaQuotaStore``, which publishes every call itself.
         user_id_getter: Maps a ``ChatContext`` to the tenant whose quota the call spends.
         period_key_fn: Returns the current period key (``month_key`` by default).
         on_quota_exceeded: Called with the seed's alert payload before ``QuotaExceededError`` is raised.
+        on_quota_warning: Called once per tenant and period when usage first reaches
+            ``warning_ratio`` of the limit.
+        warning_ratio: Fraction of the limit that triggers ``on_quota_warning``.
+        reserve_in_flight: Count calls in flight against the quota, so concurrent calls of one tenant
+            cannot all pass the same check (the seed's race). False restores the seed's behaviour.
+        max_in_flight_per_tenant: Calls of one tenant allowed in flight at once in this process.
+        default_max_tokens: Output tokens a call is assumed to reserve when it sets no ``max_tokens``.
+        clamp_max_tokens: Lower a call's ``max_tokens`` to the tenant's remaining headroom.
+        min_headroom_tokens: With ``clamp_max_tokens``, refuse calls whose headroom is smaller.
     """
 
     def __init__(
@@ -38,57 +65,136 @@ class TokenGuardMiddleware(ChatMiddleware):
         user_id_getter: Callable[[ChatContext], str] = default_user_id_getter,
         period_key_fn: Callable[[], str] = month_key,
         on_quota_exceeded: UsageCallback | None = None,
+        on_quota_warning: UsageCallback | None = None,
+        warning_ratio: float = 0.8,
+        reserve_in_flight: bool = True,
+        max_in_flight_per_tenant: int = 64,
+        default_max_tokens: int = 1024,
+        clamp_max_tokens: bool = False,
+        min_headroom_tokens: int = 16,
     ) -> None:
         if isinstance(quota_tokens, bool) or int(quota_tokens) < 0:
             raise ValueError(f"quota_tokens must be a non-negative integer, got {quota_tokens!r}")
+        if not 0.0 < warning_ratio <= 1.0:
+            raise ValueError(f"warning_ratio must be in (0, 1], got {warning_ratio!r}")
+        if max_in_flight_per_tenant < 1 or default_max_tokens < 0 or min_headroom_tokens < 0:
+            raise ValueError("max_in_flight_per_tenant must be >= 1; default_max_tokens, min_headroom_tokens >= 0")
         self.on_usage = on_usage
         self.on_quota_exceeded = on_quota_exceeded
+        self.on_quota_warning = on_quota_warning
         self.quota_store = quota_store
         self.quota_tokens = int(quota_tokens)
         self.user_id_getter = user_id_getter
         self.period_key_fn = period_key_fn
+        self.warning_ratio = warning_ratio
+        self.reserve_in_flight = reserve_in_flight
+        self.max_in_flight_per_tenant = max_in_flight_per_tenant
+        self.default_max_tokens = default_max_tokens
+        self.clamp_max_tokens = clamp_max_tokens
+        self.min_headroom_tokens = min_headroom_tokens
+        self.stats = MiddlewareStats()
         self._backend = as_backend(quota_store)
+        self._in_flight = InFlight()
+        self._warned: set[tuple[str, str]] = set()
+        self._callback_tasks: set[asyncio.Task[Any]] = set()
 
     async def process(self, context: ChatContext, call_next: Callable[[], Awaitable[None]]) -> None:
+        self.stats.calls += 1
         tenant_id = self.user_id_getter(context)
         period_key = self.period_key_fn()
+        key = (tenant_id, period_key)
         decision = self._backend.check(tenant_id, period_key, self.quota_tokens)
+        needs_estimate = self.reserve_in_flight or self.clamp_max_tokens
+        input_estimate = estimate_input_tokens(context.messages) if needs_estimate else 0
+        if decision.allowed and not decision.final and needs_estimate:
+            decision = self._judge_in_flight(key, decision, context, input_estimate)
         if not decision.allowed:
-            if self.on_quota_exceeded is not None:
-                await maybe_await(self.on_quota_exceeded(quota_alert(tenant_id, period_key, decision.used, decision.limit)))
-            raise QuotaExceededError(
-                f"Quota exceeded for user={tenant_id}. Used={decision.used}, quota={decision.limit}"
-            )
+            await self._refuse(tenant_id, period_key, decision)
+
+        reservation = None
+        if self.reserve_in_flight and not decision.final:
+            max_tokens = (context.options or {}).get("max_tokens")
+            output = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else self.default_max_tokens
+            reservation = self._in_flight.reserve(key, input_estimate + output)
+
+        def record(details: dict[str, Any], model: str | None, estimated: bool, streaming: bool) -> Any:
+            return self._record(tenant_id, period_key, decision.limit, reservation, details, model, estimated, streaming)
 
         if context.stream:
-            captured: dict[str, Any] = {}
-
-            def capture_usage(update: Any) -> Any:
-                details = getattr(update, "usage_details", None)
-                if details:
-                    captured.update(details)
-                return update
-
-            async def on_stream_done(response: Any) -> Any:
-                details = captured or dict(getattr(response, "usage_details", None) or {})
-                if details:
-                    await self._record(tenant_id, period_key, getattr(response, "model", None), details, streaming=True)
-                return response
-
-            context.stream_transform_hooks.append(capture_usage)
-            context.stream_result_hooks.append(on_stream_done)
-            await call_next()
+            usage = StreamUsage(lambda d, m, e: record(d, m, e, True), input_estimate=input_estimate)
+            usage.attach(context)
+            try:
+                await call_next()
+            except BaseException:
+                self._release(reservation)
+                raise
+            usage.watch(context.result)
             return
 
-        await call_next()
+        try:
+            await call_next()
+        finally:
+            self._release(reservation)
         result = context.result
-        details = getattr(result, "usage_details", None) if result else None
+        details = dict(getattr(result, "usage_details", None) or {}) if result else {}
         if details:
-            await self._record(tenant_id, period_key, getattr(result, "model", None), details, streaming=False)
+            pending = record(details, getattr(result, "model", None), False, False)
+        elif result is not None:
+            # The provider reported nothing: keep an estimate, flagged, rather than nothing.
+            output = sum(len(m.text or "") for m in getattr(result, "messages", ()) or ())
+            estimate = {"input_token_count": input_estimate or estimate_input_tokens(context.messages),
+                        "output_token_count": (output + 3) // 4}
+            pending = record(estimate, getattr(result, "model", None), True, False)
+        else:
+            pending = None
+        if pending is not None:
+            await pending
 
-    async def _record(
-        self, tenant_id: str, period_key: str, model: str | None, details: Any, *, streaming: bool
-    ) -> None:
+    def _judge_in_flight(self, key: tuple[str, str], decision: Decision, context: ChatContext, input_estimate: int) -> Decision:
+        """Count reservations as spent; clamp ``max_tokens`` to the headroom when asked to."""
+        reserved = self._in_flight.tokens(key) if self.reserve_in_flight else 0
+        used = decision.used + reserved
+        if used >= decision.limit:
+            return Decision(False, used, decision.limit)
+        if self.reserve_in_flight and self._in_flight.calls(key) >= self.max_in_flight_per_tenant:
+            return Decision(False, used, decision.limit, reason="too_many_calls_in_flight")
+        if self.clamp_max_tokens:
+            headroom = decision.limit - used - input_estimate
+            if headroom < self.min_headroom_tokens:
+                return Decision(False, used, decision.limit, reason="headroom_below_minimum")
+            options = context.options if context.options is not None else {}
+            current = options.get("max_tokens")
+            if not isinstance(current, int) or current > headroom:
+                context.options = {**options, "max_tokens": headroom}
+                self.stats.max_tokens_clamped += 1
+        return decision
+
+    async def _refuse(self, tenant_id: str, period_key: str, decision: Decision) -> None:
+        self.stats.blocked += 1
+        if self.on_quota_exceeded is not None:
+            payload = quota_alert(tenant_id, period_key, decision.used, decision.limit)
+            payload["reason"] = decision.reason
+            await self._call_back(self.on_quota_exceeded, payload)
+        error = QuotaUnavailableError if decision.reason == "quota_state_stale" else QuotaExceededError
+        raise error(f"Quota exceeded for user={tenant_id}. Used={decision.used}, quota={decision.limit}")
+
+    def _release(self, reservation: Reservation | None) -> None:
+        if reservation is not None:
+            self._in_flight.release(reservation)
+
+    def _record(
+        self,
+        tenant_id: str,
+        period_key: str,
+        limit: int,
+        reservation: Reservation | None,
+        details: dict[str, Any],
+        model: str | None,
+        estimated: bool,
+        streaming: bool,
+    ) -> Awaitable[None] | None:
+        """Record now (synchronously, so it happens even from a GC finalizer); return the user
+        callbacks still to await, if any."""
         usage = CallUsage(
             tenant_id=tenant_id,
             period_key=period_key,
@@ -96,8 +202,39 @@ class TokenGuardMiddleware(ChatMiddleware):
             quota_tokens=self.quota_tokens,
             streaming=streaming,
             event_time=datetime.now(timezone.utc),
+            estimated=estimated,
             **token_counts(details),  # type: ignore[arg-type]
         )
         used_after = self._backend.record(usage)
+        self._release(reservation)
+        if estimated:
+            self.stats.estimated += 1
+        callbacks: list[tuple[UsageCallback, dict[str, Any]]] = []
         if self.on_usage is not None:
-            await maybe_await(self.on_usage(usage_record(usage, used_after)))
+            callbacks.append((self.on_usage, usage_record(usage, used_after)))
+        if self.on_quota_warning is not None and used_after >= limit * self.warning_ratio:
+            key = (tenant_id, period_key)
+            if key not in self._warned:
+                if len(self._warned) > 100_000:
+                    self._warned.clear()
+                self._warned.add(key)
+                payload = quota_alert(tenant_id, period_key, used_after, limit)
+                payload["reason"] = "quota_warning"
+                callbacks.append((self.on_quota_warning, payload))
+        if not callbacks:
+            return None
+        return self._call_backs(callbacks)
+
+    async def _call_backs(self, callbacks: list[tuple[UsageCallback, dict[str, Any]]]) -> None:
+        for callback, payload in callbacks:
+            await self._call_back(callback, payload)
+
+    async def _call_back(self, callback: UsageCallback, payload: dict[str, Any]) -> None:
+        """A user callback's exception never turns a call into a failure: logged and counted."""
+        try:
+            result = callback(payload)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            self.stats.callback_errors += 1
+            log.exception("TokenGuard callback %s raised; the call is unaffected", getattr(callback, "__name__", callback))

@@ -4,6 +4,11 @@ A call never awaits the broker. The sender drains up to ``batch_max`` events, gr
 partition their tenant key hashes to (Kafka's murmur2, as the Java client does), appends them to
 one aiokafka batch per partition, and reports each event's offset once the broker acknowledges
 it, which is what lets the snapshot tell its own spend apart from what a notice already covers.
+
+When Kafka is away or slow (a batch not acknowledged within ``send_timeout_s``), events go to the
+on-disk spool, and new events follow them there until the spool is delivered, so a tenant's
+events reach Kafka in the order they were spent. ``stop()`` spools what it could not deliver in
+time; the next start on the host delivers it.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer
@@ -21,8 +26,10 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from producer.config import ProducerConfig
 from producer.errors import PublisherError
+from producer.spool import Spool, SpoolFull
+from schemas.errors import DecodeError
 from schemas.usage import UsageEvent
-from schemas.wire import encode, usage_headers, usage_key
+from schemas.wire import decode_usage, encode, usage_headers, usage_key
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +42,9 @@ class PublisherStats:
     delivered: int = 0
     send_errors: int = 0
     over_queue_max: int = 0
+    spooled: int = 0
+    spool_dropped: int = 0
+    spool_refused: int = 0
 
 
 class UsagePublisher:
@@ -50,9 +60,21 @@ class UsagePublisher:
         self._task: asyncio.Task[None] | None = None
         self._partitions: list[int] = []
         self._partition_of: dict[str, int] = {}
+        self._spool = Spool(config.spool_dir, config.spool_max_bytes) if config.spool_dir else None
+        self._in_flight: list[UsageEvent] = []
+        self._spilled_here: set[str] = set()  # ids of our own events in the spool: we report their offsets
         self._accepting = False
         self._stopping = False
+        self.spool_full = False
         self.stats = PublisherStats()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def spool_pending(self) -> int:
+        return self._spool.pending if self._spool else 0
 
     async def start(self) -> None:
         if self._producer is not None:
@@ -64,6 +86,7 @@ class UsagePublisher:
             enable_idempotence=self._config.idempotence,
             linger_ms=self._config.linger_ms,
             max_batch_size=512 * 1024,
+            request_timeout_ms=int(self._config.send_timeout_s * 1000),
         )
         await producer.start()
         try:
@@ -71,15 +94,19 @@ class UsagePublisher:
         except BaseException:
             await producer.stop()
             raise
+        if self._spool is not None:
+            self._spool.open()
         self._producer = producer
         self._partitions = sorted(partitions)
         self._accepting = True
+        self._stopping = False
         self._task = asyncio.create_task(self._run(), name="tokenguard-publisher")
 
-    async def stop(self, timeout: float = 10.0) -> None:
-        """Deliver what is queued (within ``timeout``) and close. Idempotent."""
+    async def stop(self, timeout: float | None = None) -> None:
+        """Deliver what is queued within ``timeout``, spool the rest, close. Idempotent."""
         if self._producer is None:
             return
+        timeout = self._config.stop_timeout_s if timeout is None else timeout
         self._accepting = False
         self._stopping = True
         self._wakeup.set()
@@ -91,10 +118,19 @@ class UsagePublisher:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        # A batch cut off mid-send may be partly delivered: spooling it again is safe (dedup by id).
+        leftover = self._in_flight + list(self._queue)
+        self._in_flight = []
+        self._queue.clear()
+        self._spill(leftover)
         producer, self._producer = self._producer, None
         await producer.stop()
+        if self._spool is not None:
+            if self._spool.pending:
+                log.warning("%d usage events stay in the spool at %s for the next start", self._spool.pending, self._spool.root)
+            self._spool.close()
         if self._queue:
-            log.error("usage publisher stopped with %d events undelivered", len(self._queue))
+            log.error("usage publisher stopped with %d events neither delivered nor spooled", len(self._queue))
 
     async def __aenter__(self) -> UsagePublisher:
         await self.start()
@@ -102,10 +138,6 @@ class UsagePublisher:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
-
-    @property
-    def queue_depth(self) -> int:
-        return len(self._queue)
 
     def publish(self, event: UsageEvent) -> None:
         """Queue one event for delivery. Constant time; never awaits."""
@@ -123,10 +155,11 @@ class UsagePublisher:
 
     async def flush(self, timeout: float = 10.0) -> None:
         """Wait until every event published so far is acknowledged by the broker."""
+        loop = asyncio.get_running_loop()
         target = self.stats.published
-        deadline = asyncio.get_running_loop().time() + timeout
+        deadline = loop.time() + timeout
         while self.stats.delivered < target:
-            if asyncio.get_running_loop().time() > deadline:
+            if loop.time() > deadline:
                 raise TimeoutError(f"{target - self.stats.delivered} usage events not delivered within {timeout}s")
             await asyncio.sleep(0.005)
 
@@ -139,9 +172,24 @@ class UsagePublisher:
             self._partition_of[tenant_id] = partition
         return partition
 
+    def partition_of(self, tenant_id: str) -> int:
+        """The usage partition a tenant's events go to (and whose aggregator judges it)."""
+        return self._partition(tenant_id)
+
     async def _run(self) -> None:
         backoff = 0.1
         while True:
+            if self._spool is not None and self._spool.pending:
+                # Catching up: later events queue behind the spooled ones, in order.
+                self._spill(self._drain_queue())
+                if await self._deliver_spool():
+                    backoff = 0.1
+                    continue
+                if self._stopping:
+                    return
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
             if not self._queue:
                 if self._stopping:
                     return
@@ -150,20 +198,89 @@ class UsagePublisher:
                 continue
             if self._config.linger_ms and len(self._queue) < self._config.batch_max and not self._stopping:
                 await asyncio.sleep(self._config.linger_ms / 1000)
-            take = min(len(self._queue), self._config.batch_max)
-            batch = [self._queue.popleft() for _ in range(take)]
-            failed = await self._send(batch)
-            if failed:
-                # Put them back in front, in order, and try again: never drop usage.
-                self._queue.extendleft(reversed(failed))
-                self.stats.send_errors += 1
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-            else:
+            batch = self._in_flight = self._drain_queue(self._config.batch_max)
+            failed = await self._send_within_timeout(batch)
+            self._in_flight = []
+            if not failed:
                 backoff = 0.1
+                continue
+            self.stats.send_errors += 1
+            if self._spool is not None:
+                self._spill(failed)
+                if self.spool_full:  # the spool refused them: keep them in memory, in front
+                    self._queue.extendleft(reversed(failed))
+            else:
+                self._queue.extendleft(reversed(failed))
+            if self._stopping and (self._spool is None or self.spool_full):
+                return
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
 
-    async def _send(self, events: list[UsageEvent]) -> list[UsageEvent]:
-        """Send one drained batch; return the events that were not acknowledged."""
+    def _drain_queue(self, limit: int | None = None) -> list[UsageEvent]:
+        take = len(self._queue) if limit is None else min(limit, len(self._queue))
+        return [self._queue.popleft() for _ in range(take)]
+
+    def _spill(self, events: list[UsageEvent]) -> None:
+        """Events that cannot go to Kafka now go to disk, per the spool-full policy."""
+        if not events:
+            return
+        if self._spool is None:
+            self._queue.extendleft(reversed(events))
+            return
+        lines = [encode(event) for event in events]
+        while True:
+            try:
+                self._spool.append(lines)
+                break
+            except SpoolFull:
+                if self._config.spool_full_policy == "drop_oldest" and self._spool.pending:
+                    lost = self._spool.drop_oldest_segment()
+                    self.stats.spool_dropped += lost
+                    log.error("usage spool full: DROPPED the %d oldest spooled usage events (policy drop_oldest)", lost)
+                    continue
+                self.stats.spool_refused += len(events)
+                if not self.spool_full:
+                    log.error("usage spool full (%d bytes): new calls are blocked until Kafka takes it", self._spool.size_bytes)
+                self.spool_full = True
+                self._queue.extendleft(reversed(events))
+                return
+        self.spool_full = False
+        self.stats.spooled += len(events)
+        self._spilled_here.update(event.event_id for event in events)
+
+    async def _deliver_spool(self) -> bool:
+        """Send the oldest spooled events; True when they were all acknowledged."""
+        assert self._spool is not None
+        lines = self._spool.peek(self._config.batch_max)
+        events = []
+        for line in lines:
+            try:
+                events.append(decode_usage(line))
+            except DecodeError as exc:  # a torn last line after a crash: nothing to deliver
+                log.error("unreadable spooled usage event skipped: %s", exc)
+        if await self._send_within_timeout(events, own=self._spilled_here):
+            return False
+        self._spool.consume(len(lines))
+        self._spilled_here.difference_update(event.event_id for event in events)
+        if self.spool_full and self._spool.size_bytes < self._spool.max_bytes // 2:
+            self.spool_full = False
+        return True
+
+    async def _send_within_timeout(self, events: list[UsageEvent], own: set[str] | None = None) -> list[UsageEvent]:
+        """Send; return the events not acknowledged in time (all of them on a timeout).
+
+        A timed-out batch may still reach the broker later; it is sent again from the spool, and
+        the aggregator drops the repeat by event id.
+        """
+        if not events:
+            return []
+        try:
+            return await asyncio.wait_for(self._send(events, own), self._config.send_timeout_s)
+        except (asyncio.TimeoutError, KafkaError) as exc:
+            log.warning("%d usage events not acknowledged: %r", len(events), exc)
+            return events
+
+    async def _send(self, events: list[UsageEvent], own: set[str] | None) -> list[UsageEvent]:
         producer = self._producer
         assert producer is not None
         by_partition: dict[int, list[UsageEvent]] = {}
@@ -172,22 +289,11 @@ class UsagePublisher:
         in_flight: list[tuple[asyncio.Future[object], int, list[UsageEvent]]] = []
         failed: list[UsageEvent] = []
         for partition, items in by_partition.items():
-            start = 0
-            while start < len(items):
-                batch = producer.create_batch()
-                count = 0
-                for event in items[start:]:
-                    key, value, headers = usage_key(event.tenant_id), encode(event), usage_headers(event)
-                    if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
-                        break
-                    count += 1
-                chunk = items[start : start + max(count, 1)]
-                start += len(chunk)
-                if count == 0:
+            for chunk, batch in self._batches(producer, items):
+                if batch is None:
                     log.error("usage event %s does not fit in a batch; it stays queued", chunk[0].event_id)
                     failed.extend(chunk)
                     continue
-                batch.close()
                 try:
                     future = await producer.send_batch(batch, self._topic, partition=partition)
                 except KafkaError as exc:
@@ -201,9 +307,33 @@ class UsagePublisher:
                 log.warning("usage batch of %d events to partition %d failed: %r", len(chunk), partition, result)
                 failed.extend(chunk)
                 continue
-            base = result.offset  # type: ignore[attr-defined]
-            self.stats.delivered += len(chunk)
-            if self._on_delivered is not None:
-                for index, event in enumerate(chunk):
-                    self._on_delivered(event, partition, base + index)
+            self._acknowledged(chunk, partition, result.offset, own)  # type: ignore[attr-defined]
         return failed
+
+    def _batches(self, producer: AIOKafkaProducer, items: list[UsageEvent]) -> Iterable[tuple[list[UsageEvent], object]]:
+        """Consecutive chunks of ``items`` with a closed batch holding each (None: would not fit)."""
+        start = 0
+        while start < len(items):
+            batch = producer.create_batch()
+            count = 0
+            for event in items[start:]:
+                key, value, headers = usage_key(event.tenant_id), encode(event), usage_headers(event)
+                if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                    break
+                count += 1
+            if count == 0:
+                yield items[start : start + 1], None
+                start += 1
+                continue
+            batch.close()
+            yield items[start : start + count], batch
+            start += count
+
+    def _acknowledged(self, chunk: list[UsageEvent], partition: int, base: int, own: set[str] | None) -> None:
+        self.stats.delivered += sum(1 for e in chunk if own is None or e.event_id in own)
+        if self._on_delivered is None:
+            return
+        for index, event in enumerate(chunk):
+            # Events adopted from another process's spool were never in this snapshot.
+            if own is None or event.event_id in own:
+                self._on_delivered(event, partition, base + index)

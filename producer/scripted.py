@@ -23,15 +23,12 @@ from agent_framework import (
     UsageDetails,
 )
 
+from producer.estimate import estimate_input_tokens, estimate_text_tokens
+
 _WORDS = (
     "the quota holds because every call is counted once and the fleet hears about a crossed limit "
     "within a heartbeat so tokens stay inside the budget the operator set for each tenant"
 ).split()
-
-
-def estimate_tokens(text: str) -> int:
-    """Rough token count, about four characters a token, as providers' English averages go."""
-    return max(1, (len(text) + 3) // 4)
 
 
 class ScriptedChatClient(ChatMiddlewareLayer, FunctionInvocationLayer, BaseChatClient):  # type: ignore[misc]
@@ -66,9 +63,8 @@ class ScriptedChatClient(ChatMiddlewareLayer, FunctionInvocationLayer, BaseChatC
         words = self.reply_words
         count = words if isinstance(words, int) else self._random.randint(words[0], words[1])
         text = " ".join(_WORDS[i % len(_WORDS)] for i in range(count))
-        prompt = " ".join(message.text or "" for message in messages)
-        input_tokens = estimate_tokens(prompt) + 4 * len(messages)
-        output_tokens = estimate_tokens(text)
+        input_tokens = estimate_input_tokens(messages)
+        output_tokens = max(1, estimate_text_tokens(text))
         usage = UsageDetails(
             input_token_count=input_tokens,
             output_token_count=output_tokens,

@@ -44,7 +44,7 @@ class _Entry:
 @dataclass(frozen=True, slots=True)
 class PartitionHealth:
     usage_offset: int
-    seen_at: float  # time.monotonic() when the heartbeat arrived
+    emitted_at: float  # the aggregator's wall clock, epoch seconds
 
 
 class QuotaSnapshot:
@@ -104,19 +104,28 @@ class QuotaSnapshot:
         entry.notice = notice
         entry.forget_covered()
         self.notices_applied += 1
+        self._heard(notice.usage_partition, notice.usage_offset, notice.emitted_at.timestamp())
         return True
 
-    def apply_heartbeat(self, heartbeat: Heartbeat, now: float | None = None) -> None:
-        self._health[heartbeat.usage_partition] = PartitionHealth(
-            heartbeat.usage_offset, time.monotonic() if now is None else now
-        )
+    def apply_heartbeat(self, heartbeat: Heartbeat) -> None:
+        self._heard(heartbeat.usage_partition, heartbeat.usage_offset, heartbeat.emitted_at.timestamp())
+
+    def _heard(self, partition: int, usage_offset: int, emitted_at: float) -> None:
+        """A heartbeat or a notice: either proves the partition's aggregator was alive then."""
+        held = self._health.get(partition)
+        if held is None or emitted_at >= held.emitted_at:
+            self._health[partition] = PartitionHealth(usage_offset, emitted_at)
 
     def heartbeat_age(self, partition: int, now: float | None = None) -> float | None:
-        """Seconds since the aggregator of ``partition`` was last heard from; None if never."""
+        """Seconds since the aggregator of ``partition`` last sent a heartbeat; None if never.
+
+        Measured from the heartbeat's own timestamp, not its arrival: heartbeats read back from
+        the compacted topic at start must not look fresh. Assumes clocks within a second or so.
+        """
         health = self._health.get(partition)
         if health is None:
             return None
-        return (time.monotonic() if now is None else now) - health.seen_at
+        return (time.time() if now is None else now) - health.emitted_at
 
     def notice(self, tenant_id: str, period_key: str) -> QuotaNotice | None:
         entry = self._entries.get((tenant_id, period_key))

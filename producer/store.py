@@ -33,11 +33,17 @@ class InMemoryQuotaStore:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """Whether a call may go ahead, and the figures the alert payload reports."""
+    """Whether a call may go ahead, and the figures the alert payload reports.
+
+    ``final`` means no further rule applies (a fail-open decision while the quota state is stale);
+    ``reason`` names why a call was refused, in the alert payload's ``reason``.
+    """
 
     allowed: bool
     used: int
     limit: int
+    reason: str = "quota_exceeded_before_call"
+    final: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +62,7 @@ class CallUsage:
     quota_tokens: int
     streaming: bool
     event_time: datetime
+    estimated: bool = False
 
 
 @runtime_checkable

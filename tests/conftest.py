@@ -8,6 +8,7 @@ import socket
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -67,8 +68,10 @@ def connection(kafka_bootstrap: str) -> KafkaConnection:
 
 
 @pytest.fixture
-def producer_config(connection: KafkaConnection, layout: TopicLayout) -> ProducerConfig:
-    return ProducerConfig(connection=connection, topics=layout, instance_id="test-a", catch_up_timeout_s=20)
+def producer_config(connection: KafkaConnection, layout: TopicLayout, tmp_path: Path) -> ProducerConfig:
+    return ProducerConfig(
+        connection=connection, topics=layout, instance_id="test-a", catch_up_timeout_s=20, spool_dir=tmp_path / "spool"
+    )
 
 
 @pytest.fixture

@@ -70,8 +70,11 @@ def test_older_notices_do_not_replace_newer_ones() -> None:
     assert snap.decide("acme", "p", 100).allowed
 
 
-def test_heartbeat_age() -> None:
+def test_heartbeat_age_is_measured_from_the_aggregator_timestamp() -> None:
     snap = QuotaSnapshot()
     assert snap.heartbeat_age(0) is None
-    snap.apply_heartbeat(Heartbeat(usage_partition=0, usage_offset=3, aggregator_id="agg", emitted_at=T0), now=10.0)
-    assert snap.heartbeat_age(0, now=12.5) == 2.5
+    snap.apply_heartbeat(Heartbeat(usage_partition=0, usage_offset=3, aggregator_id="agg", emitted_at=T0))
+    assert snap.heartbeat_age(0, now=T0.timestamp() + 2.5) == 2.5
+    older = Heartbeat(usage_partition=0, usage_offset=1, aggregator_id="agg", emitted_at=T0 - timedelta(seconds=9))
+    snap.apply_heartbeat(older)  # read back late from the compacted topic: ignored
+    assert snap.heartbeat_age(0, now=T0.timestamp() + 2.5) == 2.5

@@ -1,0 +1,181 @@
+"""A bounded on-disk spool of encoded usage events, for when Kafka is away or slow.
+
+Layout: ``<root>/<spool id>/<sequence>.jsonl``, one encoded ``UsageEvent`` per line. Each process
+writes only its own folder and holds an ``flock`` on it while it runs. A folder whose lock nobody
+holds belongs to a process that has stopped (gracefully or not): the next process to start on the
+host adopts it and delivers its events first, oldest segment first, so nothing is left behind.
+
+Segments are deleted only after every event in them was acknowledged by the broker; a crash in
+between re-delivers the segment, and the aggregator drops the repeats by event id.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import uuid
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SEGMENT_BYTES = 4 * 1024 * 1024
+
+
+class SpoolFull(Exception):  # noqa: N818 - a condition the publisher handles, not an error to report
+    """Appending would take the spool past its size limit."""
+
+
+class Spool:
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        if max_bytes < SEGMENT_BYTES // 4:
+            raise ValueError(f"spool max_bytes must be at least {SEGMENT_BYTES // 4}")
+        self.root = root
+        self.max_bytes = max_bytes
+        self._dir: Path | None = None
+        self._lock_fd: int | None = None
+        self._orphan_locks: list[int] = []
+        self._segments: list[Path] = []  # oldest first; the last one of our own is being written
+        self._writer: Path | None = None
+        self._write_file = None
+        self._sequence = 0
+        self._reading: Path | None = None
+        self._lines: list[bytes] = []
+        self._index = 0
+        self.size_bytes = 0
+        self.pending = 0
+        self.dropped = 0
+
+    def open(self) -> None:
+        """Claim a folder of our own and adopt the segments of every unlocked folder."""
+        if self._dir is not None:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        adopted = self._adopt_orphans()
+        self._dir = self.root / uuid.uuid4().hex
+        self._dir.mkdir()
+        self._lock_fd = os.open(self._dir / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._segments = adopted
+        for segment in adopted:
+            self.size_bytes += segment.stat().st_size
+            self.pending += _count_lines(segment)
+        if adopted:
+            log.warning("adopted %d spooled usage events from %d segments of stopped processes", self.pending, len(adopted))
+
+    def _adopt_orphans(self) -> list[Path]:
+        segments: list[Path] = []
+        for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            fd = os.open(folder / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue  # a running process owns it
+            # Keep the orphan's lock until its segments are delivered: no two adopters.
+            found = sorted(folder.glob("*.jsonl"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+            if found:
+                segments.extend(found)
+                self._orphan_locks.append(fd)
+            else:
+                _remove_folder(folder)
+                os.close(fd)
+        return segments
+
+    def close(self) -> None:
+        """Make what was written durable and release the folder. Idempotent."""
+        if self._dir is None:
+            return
+        self._close_writer()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        for fd in self._orphan_locks:
+            os.close(fd)
+        self._orphan_locks = []
+        if not any(self._dir.glob("*.jsonl")):
+            _remove_folder(self._dir)
+        self._dir = None
+
+    def _close_writer(self) -> None:
+        if self._write_file is not None:
+            self._write_file.flush()
+            os.fsync(self._write_file.fileno())
+            self._write_file.close()
+            self._write_file = None
+            self._writer = None
+
+    def append(self, lines: list[bytes]) -> None:
+        """Append encoded events in order; ``SpoolFull`` (nothing written) past ``max_bytes``."""
+        assert self._dir is not None, "open() the spool first"
+        size = sum(len(line) + 1 for line in lines)
+        if self.size_bytes + size > self.max_bytes:
+            raise SpoolFull(f"spool at {self.size_bytes} bytes cannot take {size} more (limit {self.max_bytes})")
+        if self._write_file is None or self._write_file.tell() >= SEGMENT_BYTES:
+            self._close_writer()
+            self._sequence += 1
+            self._writer = self._dir / f"{self._sequence:012d}.jsonl"
+            self._write_file = open(self._writer, "ab")  # noqa: SIM115 - kept open across appends
+            self._segments.append(self._writer)
+        self._write_file.write(b"".join(line + b"\n" for line in lines))
+        self._write_file.flush()
+        self.size_bytes += size
+        self.pending += len(lines)
+
+    def peek(self, limit: int) -> list[bytes]:
+        """Up to ``limit`` of the oldest undelivered lines (the same ones until ``consume``)."""
+        if self._reading is None:
+            if not self._segments:
+                return []
+            if self._segments[0] == self._writer:
+                self._close_writer()  # never read a segment that is still being written
+            self._reading = self._segments[0]
+            self._lines = [line for line in self._reading.read_bytes().split(b"\n") if line]
+            self._index = 0
+        return self._lines[self._index : self._index + limit]
+
+    def consume(self, count: int) -> None:
+        """The first ``count`` peeked lines were delivered."""
+        self._index += count
+        self.pending = max(0, self.pending - count)
+        if self._reading is not None and self._index >= len(self._lines):
+            self._delete_segment(self._reading)
+            self._reading = None
+            self._lines = []
+
+    def drop_oldest_segment(self) -> int:
+        """Delete the oldest segment undelivered; return how many events were lost with it."""
+        if not self._segments:
+            return 0
+        oldest = self._segments[0]
+        if oldest == self._writer:
+            self._close_writer()
+        lost = (len(self._lines) - self._index) if oldest == self._reading else _count_lines(oldest)
+        if oldest == self._reading:
+            self._reading, self._lines = None, []
+        self._delete_segment(oldest)
+        self.pending = max(0, self.pending - lost)
+        self.dropped += lost
+        return lost
+
+    def _delete_segment(self, segment: Path) -> None:
+        self._segments.remove(segment)
+        try:
+            self.size_bytes -= segment.stat().st_size
+            segment.unlink()
+        except FileNotFoundError:
+            pass
+        folder = segment.parent
+        if folder != self._dir and not any(folder.glob("*.jsonl")):
+            _remove_folder(folder)
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as file:
+        return sum(1 for line in file if line.strip())
+
+
+def _remove_folder(folder: Path) -> None:
+    for child in folder.iterdir():
+        child.unlink()
+    folder.rmdir()
