@@ -8,9 +8,11 @@ import os
 import signal
 import sys
 from datetime import datetime, timezone
+from collections.abc import Callable
 from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.structs import ConsumerRecord
 
 from aggregator.config import AggregatorConfig
 from producer.config import KafkaConnection
@@ -81,3 +83,25 @@ class AggregatorProcess:
         if self.process.returncode is None:
             self.process.send_signal(signal.SIGTERM)
         return await asyncio.wait_for(self.process.wait(), timeout)
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Re-check ``predicate`` every 10 ms until it holds; fail with ``what`` after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout}s")
+        await asyncio.sleep(0.01)
+
+
+async def read_topic(connection: KafkaConnection, topic: str) -> list[ConsumerRecord]:
+    """Every record of ``topic`` up to its current end."""
+    from aggregator.changelog import read_ranges
+    from producer.kafka_admin import topic_partitions
+
+    records: list[ConsumerRecord] = []
+    partitions = await topic_partitions(connection, topic)
+    async for batch in read_ranges(connection, topic, {p: (None, None) for p in partitions}):
+        records.extend(batch)
+    return records
