@@ -14,7 +14,7 @@ from aiokafka.structs import ConsumerRecord
 
 from aggregator.errors import RestoreError
 from producer.config import KafkaConnection
-from producer.kafka_admin import topic_partitions
+from producer.kafka_admin import close_consumer, topic_partitions
 from schemas.errors import DecodeError
 from schemas.totals import TotalsRecord
 from schemas.wire import decode_totals, event_id_of
@@ -68,7 +68,7 @@ async def read_ranges(
                 if await consumer.position(tp) >= stop_at[tp]:
                     del stop_at[tp]
     finally:
-        await consumer.stop()
+        await close_consumer(consumer)
 
 
 async def read_changelog(

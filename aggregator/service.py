@@ -29,7 +29,7 @@ from aggregator.changelog import read_changelog, recent_event_ids
 from aggregator.config import AggregatorConfig
 from aggregator.limits import LimitsFeed
 from aggregator.state import Limits, Outcome, TotalsState
-from producer.kafka_admin import TopicMismatchError, committed_offsets, ensure_topics, topic_partitions
+from producer.kafka_admin import TopicMismatchError, close_consumer, committed_offsets, ensure_topics, topic_partitions
 from schemas.errors import DecodeError
 from schemas.notices import Heartbeat, QuotaNotice
 from schemas.wire import decode_usage_record, encode, heartbeat_key, tenant_period_key
@@ -146,7 +146,7 @@ class AggregatorService:
         consumer, self._consumer = self._consumer, None
         producer, self._producer = self._producer, None
         if consumer is not None:
-            await consumer.stop()
+            await close_consumer(consumer)
         if producer is not None:
             await producer.stop()
 

@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from aggregator.changelog import read_changelog, read_ranges
 from producer.config import KafkaConnection
-from producer.kafka_admin import committed_offsets, topic_partitions
+from producer.kafka_admin import close_consumer, committed_offsets, topic_partitions
 from schemas.errors import DecodeError
 from schemas.topics import TopicLayout
 from schemas.totals import TotalsRecord
@@ -106,7 +106,7 @@ async def end_offsets(connection: KafkaConnection, topic: str) -> dict[int, int]
     try:
         ends = await consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
     finally:
-        await consumer.stop()
+        await close_consumer(consumer)
     return {tp.partition: offset for tp, offset in ends.items()}
 
 

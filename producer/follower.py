@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from producer.config import KafkaConnection
-from producer.kafka_admin import reached, topic_partitions
+from producer.kafka_admin import close_consumer, reached, topic_partitions
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class TopicFollower:
                     raise
                 log.warning("%s not read to its end within %.0fs; going on with what was read", self._topic, self._catch_up_s)
         except BaseException:
-            await consumer.stop()
+            await close_consumer(consumer)
             raise
         self._consumer = consumer
         self._task = asyncio.create_task(self._follow(consumer), name=f"follow-{self._topic}")
@@ -87,7 +87,7 @@ class TopicFollower:
                 await task
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
-            await consumer.stop()
+            await close_consumer(consumer)
 
     async def _poll(self, consumer: AIOKafkaConsumer) -> None:
         batches = await consumer.getmany(timeout_ms=200, max_records=10_000)

@@ -134,3 +134,15 @@ async def committed_offsets(connection: KafkaConnection, group_id: str, topic: s
     return {
         tp.partition: meta.offset for tp, meta in offsets.items() if (topic is None or tp.topic == topic) and meta.offset >= 0
     }
+
+
+async def close_consumer(consumer: AIOKafkaConsumer) -> None:
+    """``consumer.stop()``, minus one aiokafka quirk: while the broker is unreachable its fetch task
+    sits in a retry back-off, and stop() cancels it and re-raises that task's CancelledError."""
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # we are being cancelled ourselves
+        log.debug("aiokafka consumer stop() surfaced its fetch task's cancellation; ignored")

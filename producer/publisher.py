@@ -62,6 +62,7 @@ class UsagePublisher:
         self._partition_of: dict[str, int] = {}
         self._spool = Spool(config.spool_dir, config.spool_max_bytes) if config.spool_dir else None
         self._in_flight: list[UsageEvent] = []
+        self._closing: set[asyncio.Task[None]] = set()
         self._spilled_here: set[str] = set()  # ids of our own events in the spool: we report their offsets
         self._accepting = False
         self._stopping = False
@@ -76,10 +77,8 @@ class UsagePublisher:
     def spool_pending(self) -> int:
         return self._spool.pending if self._spool else 0
 
-    async def start(self) -> None:
-        if self._producer is not None:
-            return
-        producer = AIOKafkaProducer(
+    def _new_producer(self) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
             **self._config.connection.client_kwargs(),
             client_id=f"tokenguard-{self._config.instance_id}",
             acks="all",
@@ -88,6 +87,11 @@ class UsagePublisher:
             max_batch_size=512 * 1024,
             request_timeout_ms=int(self._config.send_timeout_s * 1000),
         )
+
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        producer = self._new_producer()
         await producer.start()
         try:
             partitions = await producer.partitions_for(self._topic)
@@ -102,9 +106,34 @@ class UsagePublisher:
         self._stopping = False
         self._task = asyncio.create_task(self._run(), name="tokenguard-publisher")
 
+    async def _replace_producer(self) -> None:
+        """After a failed send, start over with a new producer (a new producer id).
+
+        An idempotent producer whose batches were abandoned on a timeout keeps sequence numbers
+        the broker will never see, and every later batch fails with OutOfOrderSequenceNumber.
+        The abandoned events are spooled and sent again; the aggregator drops repeats by id.
+        """
+        old, self._producer = self._producer, None
+        if old is not None:
+            closing = asyncio.create_task(_close_within(old, self._config.send_timeout_s))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+
+    async def _ready_producer(self) -> AIOKafkaProducer | None:
+        if self._producer is None:
+            producer = self._new_producer()
+            try:
+                await asyncio.wait_for(producer.start(), self._config.send_timeout_s)
+            except (asyncio.TimeoutError, KafkaError, OSError) as exc:
+                log.debug("Kafka producer could not start yet: %r", exc)
+                await _close_within(producer, 1.0)
+                return None
+            self._producer = producer
+        return self._producer
+
     async def stop(self, timeout: float | None = None) -> None:
         """Deliver what is queued within ``timeout``, spool the rest, close. Idempotent."""
-        if self._producer is None:
+        if not self._accepting and self._task is None:
             return
         timeout = self._config.stop_timeout_s if timeout is None else timeout
         self._accepting = False
@@ -124,7 +153,10 @@ class UsagePublisher:
         self._queue.clear()
         self._spill(leftover)
         producer, self._producer = self._producer, None
-        await producer.stop()
+        if producer is not None:
+            await _close_within(producer, timeout)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
         if self._spool is not None:
             if self._spool.pending:
                 log.warning("%d usage events stay in the spool at %s for the next start", self._spool.pending, self._spool.root)
@@ -274,15 +306,19 @@ class UsagePublisher:
         """
         if not events:
             return []
+        producer = await self._ready_producer()
+        if producer is None:
+            return events
         try:
-            return await asyncio.wait_for(self._send(events, own), self._config.send_timeout_s)
+            failed = await asyncio.wait_for(self._send(producer, events, own), self._config.send_timeout_s)
         except (asyncio.TimeoutError, KafkaError) as exc:
             log.warning("%d usage events not acknowledged: %r", len(events), exc)
-            return events
+            failed = events
+        if failed:
+            await self._replace_producer()
+        return failed
 
-    async def _send(self, events: list[UsageEvent], own: set[str] | None) -> list[UsageEvent]:
-        producer = self._producer
-        assert producer is not None
+    async def _send(self, producer: AIOKafkaProducer, events: list[UsageEvent], own: set[str] | None) -> list[UsageEvent]:
         by_partition: dict[int, list[UsageEvent]] = {}
         for event in events:
             by_partition.setdefault(self._partition(event.tenant_id), []).append(event)
@@ -337,3 +373,22 @@ class UsagePublisher:
             # Events adopted from another process's spool were never in this snapshot.
             if own is None or event.event_id in own:
                 self._on_delivered(event, partition, base + index)
+
+
+async def _close_within(producer: AIOKafkaProducer, timeout: float) -> None:
+    """``producer.stop()``, bounded. An idempotent aiokafka producer's stop() waits for every
+    pending batch, forever while the broker is away; by then those events are in our spool, so
+    past ``timeout`` its tasks are cancelled and its connections closed instead."""
+    stopping = asyncio.ensure_future(producer.stop())
+    try:
+        await asyncio.wait_for(asyncio.shield(stopping), timeout)
+        return
+    except asyncio.TimeoutError:
+        log.warning("the Kafka producer did not close within %.0fs (broker away); abandoning its pending batches", timeout)
+    sender_task = getattr(getattr(producer, "_sender", None), "sender_task", None)
+    for task in (stopping, sender_task):
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+    await producer.client.close()

@@ -59,10 +59,12 @@ class ScriptedChatClient(ChatMiddlewareLayer, FunctionInvocationLayer, BaseChatC
         self._random = random.Random(seed)
         self.calls = 0
 
-    def _reply(self, messages: Sequence[Message]) -> tuple[str, UsageDetails]:
+    def _reply(self, messages: Sequence[Message], max_tokens: int | None) -> tuple[str, UsageDetails]:
         words = self.reply_words
         count = words if isinstance(words, int) else self._random.randint(words[0], words[1])
         text = " ".join(_WORDS[i % len(_WORDS)] for i in range(count))
+        if max_tokens is not None and estimate_text_tokens(text) > max_tokens:
+            text = text[: max(1, max_tokens) * 4]  # the model stops at max_tokens, as providers do
         input_tokens = estimate_input_tokens(messages)
         output_tokens = max(1, estimate_text_tokens(text))
         usage = UsageDetails(
@@ -76,7 +78,8 @@ class ScriptedChatClient(ChatMiddlewareLayer, FunctionInvocationLayer, BaseChatC
         self, *, messages: Sequence[Message], stream: bool, options: Mapping[str, Any], **kwargs: Any
     ) -> Any:
         self.calls += 1
-        text, usage = self._reply(messages)
+        max_tokens = options.get("max_tokens")
+        text, usage = self._reply(messages, max_tokens if isinstance(max_tokens, int) else None)
         if stream:
             return ResponseStream(self._stream(text, usage), finalizer=ChatResponse.from_updates)
         return self._respond(text, usage)

@@ -1,0 +1,195 @@
+"""The producer side under trouble, on the real broker: concurrency, a silent aggregator, and the
+broker itself going away for 30 seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from agent_framework import Agent
+
+import localkafka
+from aggregator import AggregatorConfig, AggregatorService
+from aggregator.changelog import read_changelog
+from producer import (
+    KafkaConnection,
+    KafkaQuotaStore,
+    ProducerConfig,
+    QuotaExceededError,
+    TokenGuardMiddleware,
+    ensure_topics,
+    tenant_scope,
+)
+from producer.errors import QuotaUnavailableError
+from producer.scripted import ScriptedChatClient
+from producer.store import CallUsage
+from schemas.topics import TopicLayout
+from tests.helpers import eventually
+
+pytestmark = pytest.mark.integration
+
+
+def spend(tenant: str, tokens: int, period: str = "2026-04") -> CallUsage:
+    return CallUsage(
+        tenant_id=tenant, period_key=period, model="m", input_tokens=None, output_tokens=None, total_tokens=tokens,
+        cache_creation_input_tokens=None, cache_read_input_tokens=None, reasoning_output_tokens=None,
+        quota_tokens=500, streaming=False, event_time=datetime.now(timezone.utc),
+    )
+
+
+async def test_100_concurrent_calls_with_headroom_for_10_admit_at_most_10(
+    producer_config: ProducerConfig, aggregator_config: AggregatorConfig
+) -> None:
+    async with AggregatorService(aggregator_config) as aggregator, KafkaQuotaStore(producer_config) as store:
+        await asyncio.wait_for(aggregator.assigned.wait(), 30)
+        partition = store.publisher.partition_of("acme")
+        await eventually(lambda: store.snapshot.heartbeat_age(partition) is not None, 30, "first heartbeat")
+        probe: list[dict] = []
+        agent = Agent(ScriptedChatClient(reply_words=40, latency_s=0.05), default_options={"max_tokens": 60})
+        measure = TokenGuardMiddleware(quota_store=store, quota_tokens=10**9, on_usage=probe.append,
+                                       user_id_getter=lambda _: "probe")
+        await agent.run("Hello!", middleware=[measure])
+        cost = probe[0]["total_tokens"]
+        guard = TokenGuardMiddleware(quota_store=store, quota_tokens=10 * cost, user_id_getter=lambda _: "acme")
+
+        async def one() -> bool:
+            try:
+                await agent.run("Hello!", middleware=[guard])
+                return True
+            except QuotaExceededError:
+                return False
+
+        admitted = sum(await asyncio.gather(*(one() for _ in range(100))))
+    assert 0 < admitted <= 10
+
+
+@pytest.mark.timeout(120)
+async def test_staleness_policies_when_the_aggregator_stops(
+    producer_config: ProducerConfig, aggregator_config: AggregatorConfig, tmp_path: Path
+) -> None:
+    period = "2026-04"
+    base = replace(producer_config, stale_after_s=1.5)
+
+    def with_policy(policy: str) -> ProducerConfig:
+        return replace(base, stale_policy=policy, instance_id=policy, spool_dir=tmp_path / policy)  # type: ignore[arg-type]
+
+    async with AggregatorService(aggregator_config) as aggregator:
+        await asyncio.wait_for(aggregator.assigned.wait(), 30)
+        async with KafkaQuotaStore(with_policy("fail_closed")) as store:
+            store.record(spend("hot", 900, period))  # over its 500 quota
+            await store.feed.wait_until(lambda s: (n := s.notice("hot", period)) is not None and n.state == "exceeded", 30)
+            assert store.check("cold", period, 500).allowed, "fresh: fail_closed changes nothing"
+    # The aggregator is gone; its last heartbeats age past stale_after_s.
+    stores = {policy: KafkaQuotaStore(with_policy(policy)) for policy in ("fail_open", "fail_closed", "local_only")}
+    for store in stores.values():
+        await store.start()
+    try:
+        for store in stores.values():
+            partition = store.publisher.partition_of("cold")
+            await eventually(lambda s=store, p=partition: (s.snapshot.heartbeat_age(p) or 0) > 1.5, 10, "staleness")
+        fail_open, fail_closed, local_only = stores["fail_open"], stores["fail_closed"], stores["local_only"]
+        assert fail_open.check("hot", period, 500).allowed and fail_open.check("cold", period, 500).allowed
+        assert fail_open.stats.stale_decisions == 2
+        assert not fail_closed.check("cold", period, 500).allowed
+        assert not local_only.check("hot", period, 500).allowed, "local_only keeps the last known totals"
+        assert local_only.check("cold", period, 500).allowed
+        local_only.record(spend("cold", 600, period))
+        assert not local_only.check("cold", period, 500).allowed, "and counts its own spend"
+
+        guard = TokenGuardMiddleware(quota_store=fail_closed, quota_tokens=500, user_id_getter=lambda _: "cold")
+        with pytest.raises(QuotaUnavailableError):
+            await Agent(ScriptedChatClient()).run("Hello!", middleware=[guard])
+    finally:
+        for store in stores.values():
+            await store.stop()
+
+
+@pytest.mark.timeout(300)
+async def test_broker_down_30s_while_the_fleet_calls_loses_no_usage(tmp_path: Path) -> None:
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        pytest.skip("stops and restarts its own broker: needs the local launcher, not an external cluster")
+    broker = localkafka.start(None)
+    try:
+        await _outage_scenario(broker.port, KafkaConnection(bootstrap_servers=broker.bootstrap_servers), tmp_path)
+    finally:
+        localkafka.stop(broker.port)
+
+
+async def _outage_scenario(port: int, connection: KafkaConnection, tmp_path: Path) -> None:
+    layout = TopicLayout(prefix="outage.", partitions=3)
+    await ensure_topics(connection, layout)
+    config = ProducerConfig(
+        connection=connection, topics=layout, send_timeout_s=2.0, stop_timeout_s=3.0, catch_up_timeout_s=20,
+    )
+    tallies: dict[str, int] = {}
+
+    def tally(record: dict) -> None:  # what the middleware recorded, the ground truth
+        tallies[record["user_id"]] = tallies.get(record["user_id"], 0) + record["total_tokens"]
+
+    def fleet_member(name: str, spool: Path) -> KafkaQuotaStore:
+        return KafkaQuotaStore(replace(config, instance_id=name, spool_dir=spool))
+
+    stores = {name: fleet_member(name, tmp_path / f"spool-{name}") for name in ("a", "b")}
+    stores["c"] = fleet_member("c", tmp_path / "spool-c")
+    for store in stores.values():
+        await store.start()
+    running = {name: True for name in stores}
+
+    async def caller(name: str, seed: int) -> None:
+        rng = random.Random(seed)
+        store = stores[name]
+        guard = TokenGuardMiddleware(quota_store=store, quota_tokens=10**12, on_usage=tally)
+        agent = Agent(ScriptedChatClient(reply_words=(10, 60), seed=seed))
+        while running[name]:
+            with tenant_scope(f"tenant-{rng.randrange(20)}"):
+                if rng.random() < 0.3:
+                    stream = agent.run("Hello!", stream=True, middleware=[guard])
+                    async for _ in stream:
+                        pass
+                    await stream.get_final_response()
+                else:
+                    await agent.run("Hello!", middleware=[guard])
+            await asyncio.sleep(0.02)
+
+    tasks = {name: asyncio.create_task(caller(name, i)) for i, name in enumerate(stores)}
+    await asyncio.sleep(3)  # the fleet runs normally for a while
+
+    await asyncio.to_thread(localkafka.stop, port, clean=False)  # the broker goes away, its data stays
+    outage_started = asyncio.get_running_loop().time()
+    await asyncio.sleep(5)
+    running["c"] = False  # instance c shuts down gracefully during the outage
+    await tasks.pop("c")
+    await stores.pop("c").stop()
+    assert list((tmp_path / "spool-c").glob("*/*.jsonl")), "c's undelivered usage is on disk"
+    await asyncio.sleep(max(0.0, 30 - (asyncio.get_running_loop().time() - outage_started)))
+    assert all(not task.done() for task in tasks.values()), "calls went on while the broker was away"
+    spooled_during_outage = sum(s.publisher.stats.spooled for s in stores.values())
+
+    await asyncio.to_thread(localkafka.start, port, fresh=False)  # the broker comes back with its data
+    stores["c2"] = fleet_member("c2", tmp_path / "spool-c")  # c's replacement adopts c's spool
+    await stores["c2"].start()
+    await asyncio.sleep(2)
+    for name in list(running):
+        running[name] = False
+    await asyncio.gather(*tasks.values())
+    for store in stores.values():
+        await eventually(lambda s=store: s.publisher.spool_pending == 0, 60, "spool delivered")
+        await store.publisher.flush(timeout=60)
+        await store.stop()
+
+    aggregator_config = AggregatorConfig(connection=connection, topics=layout, group_id="outage-aggregator")
+    async with AggregatorService(aggregator_config) as aggregator:
+        async with asyncio.timeout(60):
+            while True:
+                totals = await read_changelog(connection, layout.totals)
+                seen = {tenant: record.used_tokens for (tenant, _), record in totals.items()}
+                if seen == tallies:
+                    break
+                await asyncio.sleep(0.5)
+    assert spooled_during_outage > 0
+    assert sum(tallies.values()) > 0 and aggregator.stats.events > 0
