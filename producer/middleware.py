@@ -96,7 +96,6 @@ class TokenGuardMiddleware(ChatMiddleware):
         self._backend = as_backend(quota_store)
         self._in_flight = InFlight()
         self._warned: set[tuple[str, str]] = set()
-        self._callback_tasks: set[asyncio.Task[Any]] = set()
 
     async def process(self, context: ChatContext, call_next: Callable[[], Awaitable[None]]) -> None:
         self.stats.calls += 1
@@ -209,9 +208,9 @@ class TokenGuardMiddleware(ChatMiddleware):
         self._release(reservation)
         if estimated:
             self.stats.estimated += 1
-        callbacks: list[tuple[UsageCallback, dict[str, Any]]] = []
+        pending: list[Awaitable[Any]] = []
         if self.on_usage is not None:
-            callbacks.append((self.on_usage, usage_record(usage, used_after)))
+            self._call_sync(self.on_usage, usage_record(usage, used_after), pending)
         if self.on_quota_warning is not None and used_after >= limit * self.warning_ratio:
             key = (tenant_id, period_key)
             if key not in self._warned:
@@ -220,21 +219,33 @@ class TokenGuardMiddleware(ChatMiddleware):
                 self._warned.add(key)
                 payload = quota_alert(tenant_id, period_key, used_after, limit)
                 payload["reason"] = "quota_warning"
-                callbacks.append((self.on_quota_warning, payload))
-        if not callbacks:
-            return None
-        return self._call_backs(callbacks)
+                self._call_sync(self.on_quota_warning, payload, pending)
+        return self._await_all(pending) if pending else None
 
-    async def _call_backs(self, callbacks: list[tuple[UsageCallback, dict[str, Any]]]) -> None:
-        for callback, payload in callbacks:
-            await self._call_back(callback, payload)
-
-    async def _call_back(self, callback: UsageCallback, payload: dict[str, Any]) -> None:
-        """A user callback's exception never turns a call into a failure: logged and counted."""
+    def _call_sync(self, callback: UsageCallback, payload: dict[str, Any], pending: list[Awaitable[Any]]) -> None:
+        """Call now; an async callback's awaitable is collected for the caller to await."""
         try:
             result = callback(payload)
-            if inspect.isawaitable(result):
-                await result
         except Exception:
-            self.stats.callback_errors += 1
-            log.exception("TokenGuard callback %s raised; the call is unaffected", getattr(callback, "__name__", callback))
+            self._callback_failed(callback)
+            return
+        if inspect.isawaitable(result):
+            pending.append(result)
+
+    async def _await_all(self, pending: list[Awaitable[Any]]) -> None:
+        for awaitable in pending:
+            try:
+                await awaitable
+            except Exception:
+                self._callback_failed(awaitable)
+
+    async def _call_back(self, callback: UsageCallback, payload: dict[str, Any]) -> None:
+        pending: list[Awaitable[Any]] = []
+        self._call_sync(callback, payload, pending)
+        if pending:
+            await self._await_all(pending)
+
+    def _callback_failed(self, callback: object) -> None:
+        """A user callback's exception never turns a call into a failure: logged and counted."""
+        self.stats.callback_errors += 1
+        log.exception("TokenGuard callback %s raised; the call is unaffected", getattr(callback, "__name__", callback))

@@ -28,12 +28,11 @@ from producer.config import ProducerConfig
 from producer.errors import PublisherError
 from producer.spool import Spool, SpoolFull
 from schemas.errors import DecodeError
-from schemas.usage import UsageEvent
-from schemas.wire import decode_usage, encode, usage_headers, usage_key
+from schemas.wire import UsageLike, decode_usage, encode_usage, usage_headers, usage_key
 
 log = logging.getLogger(__name__)
 
-DeliveryCallback = Callable[[UsageEvent, int, int], None]
+DeliveryCallback = Callable[[UsageLike, int, int], None]
 
 
 @dataclass
@@ -54,14 +53,14 @@ class UsagePublisher:
         self._config = config
         self._topic = config.topics.usage
         self._on_delivered = on_delivered
-        self._queue: deque[UsageEvent] = deque()
+        self._queue: deque[UsageLike] = deque()
         self._wakeup = asyncio.Event()
         self._producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
         self._partitions: list[int] = []
         self._partition_of: dict[str, int] = {}
         self._spool = Spool(config.spool_dir, config.spool_max_bytes) if config.spool_dir else None
-        self._in_flight: list[UsageEvent] = []
+        self._in_flight: list[UsageLike] = []
         self._closing: set[asyncio.Task[None]] = set()
         self._spilled_here: set[str] = set()  # ids of our own events in the spool: we report their offsets
         self._accepting = False
@@ -171,7 +170,7 @@ class UsagePublisher:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
-    def publish(self, event: UsageEvent) -> None:
+    def publish(self, event: UsageLike) -> None:
         """Queue one event for delivery. Constant time; never awaits."""
         if not self._accepting:
             raise PublisherError("the usage publisher is not running: call start() first")
@@ -248,18 +247,18 @@ class UsagePublisher:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
 
-    def _drain_queue(self, limit: int | None = None) -> list[UsageEvent]:
+    def _drain_queue(self, limit: int | None = None) -> list[UsageLike]:
         take = len(self._queue) if limit is None else min(limit, len(self._queue))
         return [self._queue.popleft() for _ in range(take)]
 
-    def _spill(self, events: list[UsageEvent]) -> None:
+    def _spill(self, events: list[UsageLike]) -> None:
         """Events that cannot go to Kafka now go to disk, per the spool-full policy."""
         if not events:
             return
         if self._spool is None:
             self._queue.extendleft(reversed(events))
             return
-        lines = [encode(event) for event in events]
+        lines = [encode_usage(event) for event in events]
         while True:
             try:
                 self._spool.append(lines)
@@ -298,7 +297,7 @@ class UsagePublisher:
             self.spool_full = False
         return True
 
-    async def _send_within_timeout(self, events: list[UsageEvent], own: set[str] | None = None) -> list[UsageEvent]:
+    async def _send_within_timeout(self, events: list[UsageLike], own: set[str] | None = None) -> list[UsageLike]:
         """Send; return the events not acknowledged in time (all of them on a timeout).
 
         A timed-out batch may still reach the broker later; it is sent again from the spool, and
@@ -318,12 +317,12 @@ class UsagePublisher:
             await self._replace_producer()
         return failed
 
-    async def _send(self, producer: AIOKafkaProducer, events: list[UsageEvent], own: set[str] | None) -> list[UsageEvent]:
-        by_partition: dict[int, list[UsageEvent]] = {}
+    async def _send(self, producer: AIOKafkaProducer, events: list[UsageLike], own: set[str] | None) -> list[UsageLike]:
+        by_partition: dict[int, list[UsageLike]] = {}
         for event in events:
             by_partition.setdefault(self._partition(event.tenant_id), []).append(event)
-        in_flight: list[tuple[asyncio.Future[object], int, list[UsageEvent]]] = []
-        failed: list[UsageEvent] = []
+        in_flight: list[tuple[asyncio.Future[object], int, list[UsageLike]]] = []
+        failed: list[UsageLike] = []
         for partition, items in by_partition.items():
             for chunk, batch in self._batches(producer, items):
                 if batch is None:
@@ -346,14 +345,14 @@ class UsagePublisher:
             self._acknowledged(chunk, partition, result.offset, own)  # type: ignore[attr-defined]
         return failed
 
-    def _batches(self, producer: AIOKafkaProducer, items: list[UsageEvent]) -> Iterable[tuple[list[UsageEvent], object]]:
+    def _batches(self, producer: AIOKafkaProducer, items: list[UsageLike]) -> Iterable[tuple[list[UsageLike], object]]:
         """Consecutive chunks of ``items`` with a closed batch holding each (None: would not fit)."""
         start = 0
         while start < len(items):
             batch = producer.create_batch()
             count = 0
             for event in items[start:]:
-                key, value, headers = usage_key(event.tenant_id), encode(event), usage_headers(event)
+                key, value, headers = usage_key(event.tenant_id), encode_usage(event), usage_headers(event)
                 if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
                     break
                 count += 1
@@ -365,7 +364,7 @@ class UsagePublisher:
             yield items[start : start + count], batch
             start += count
 
-    def _acknowledged(self, chunk: list[UsageEvent], partition: int, base: int, own: set[str] | None) -> None:
+    def _acknowledged(self, chunk: list[UsageLike], partition: int, base: int, own: set[str] | None) -> None:
         self.stats.delivered += sum(1 for e in chunk if own is None or e.event_id in own)
         if self._on_delivered is None:
             return

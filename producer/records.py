@@ -43,8 +43,9 @@ def quota_alert(tenant_id: str, period_key: str, used: int, limit: int) -> dict[
     }
 
 
-def _count(details: Mapping[str, Any], key: str) -> int | None:
-    value = details.get(key)
+def _count(value: Any) -> int | None:
+    if type(value) is int:
+        return value if value >= 0 else None
     if value is None or isinstance(value, bool):
         return None
     try:
@@ -55,15 +56,19 @@ def _count(details: Mapping[str, Any], key: str) -> int | None:
 
 
 def token_counts(details: Mapping[str, Any]) -> dict[str, int | None]:
-    """Agent Framework ``UsageDetails`` -> our field names; total falls back to input + output."""
-    inp = _count(details, "input_token_count")
-    out = _count(details, "output_token_count")
-    total = _count(details, "total_token_count") or (inp or 0) + (out or 0)
+    """Agent Framework ``UsageDetails`` -> our field names; total falls back to input + output.
+
+    Providers' counts are trusted only as far as being non-negative integers; anything else
+    counts as not reported.
+    """
+    get = details.get
+    inp = _count(get("input_token_count"))
+    out = _count(get("output_token_count"))
     return {
         "input_tokens": inp,
         "output_tokens": out,
-        "total_tokens": total,
-        "cache_creation_input_tokens": _count(details, "cache_creation_input_token_count"),
-        "cache_read_input_tokens": _count(details, "cache_read_input_token_count"),
-        "reasoning_output_tokens": _count(details, "reasoning_output_token_count"),
+        "total_tokens": _count(get("total_token_count")) or (inp or 0) + (out or 0),
+        "cache_creation_input_tokens": _count(get("cache_creation_input_token_count")),
+        "cache_read_input_tokens": _count(get("cache_read_input_token_count")),
+        "reasoning_output_tokens": _count(get("reasoning_output_token_count")),
     }

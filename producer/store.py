@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, NamedTuple, Protocol, runtime_checkable
 
 UsageCallback = Callable[[dict[str, Any]], Any]
 
@@ -31,8 +31,7 @@ class InMemoryQuotaStore:
         self._totals[key] = self._totals.get(key, 0) + int(tokens)
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """Whether a call may go ahead, and the figures the alert payload reports.
 
     ``final`` means no further rule applies (a fail-open decision while the quota state is stale);
@@ -46,7 +45,7 @@ class Decision:
     final: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CallUsage:
     """What one finished call spent, as the middleware read it from the provider's usage details."""
 

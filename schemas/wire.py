@@ -7,8 +7,12 @@ JSON arrays, so a tenant id containing any separator cannot collide with another
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from datetime import datetime
+from typing import Any, Protocol, TypeVar
+
+import orjson
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
@@ -52,6 +56,32 @@ _TOTALS = TypeAdapter(TotalsRecord)
 _LIMIT = TypeAdapter(QuotaLimit)
 
 
+_USAGE_FIELDS = tuple(UsageEvent.model_fields)
+_usage_values = operator.attrgetter(*_USAGE_FIELDS)
+
+
+class UsageLike(Protocol):
+    """What the publisher needs of an event: a ``UsageEvent``, or an unvalidated draft with the
+    same attribute names built on the middleware's hot path."""
+
+    event_id: str
+    tenant_id: str
+    period_key: str
+    total_tokens: int
+    instance_id: str
+    event_time: datetime
+
+
+def encode_usage(event: UsageLike) -> bytes:
+    """The usage event's JSON, from any object with ``UsageEvent``'s attribute names.
+
+    The fast path for the publisher: orjson over the field values, no model built. It writes
+    the same fields as ``encode(UsageEvent(...))`` (a test holds the two to the same decoded
+    value), so every consumer decodes it with ``decode_usage``.
+    """
+    return orjson.dumps(dict(zip(_USAGE_FIELDS, _usage_values(event))), option=orjson.OPT_UTC_Z)
+
+
 def decode_usage(data: bytes | None) -> UsageEvent:
     return _decode(_USAGE, data, "usage")  # type: ignore[no-any-return]
 
@@ -81,18 +111,23 @@ def decode_notice(data: bytes | None) -> QuotaNotice | Heartbeat:
 USAGE_EVENT_TYPE = "io.tokenguard.usage.v1"
 
 
-def usage_headers(event: UsageEvent) -> list[tuple[str, bytes]]:
+_SPECVERSION = ("ce_specversion", b"1.0")
+_TYPE = ("ce_type", USAGE_EVENT_TYPE.encode())
+_CONTENT_TYPE = ("content-type", b"application/json")
+
+
+def usage_headers(event: UsageLike) -> list[tuple[str, bytes]]:
     """CloudEvents 1.0 Kafka binding, binary mode: the value stays our JSON, the envelope goes in
     ``ce_*`` headers, so CloudEvents consumers ingest the topic as it is and ours read ``ce_id``
     without parsing the value."""
     return [
-        ("ce_specversion", b"1.0"),
+        _SPECVERSION,
         ("ce_id", event.event_id.encode()),
         ("ce_source", f"/tokenguard/{event.instance_id}".encode()),
-        ("ce_type", USAGE_EVENT_TYPE.encode()),
+        _TYPE,
         ("ce_time", event.event_time.isoformat().encode()),
         ("ce_subject", event.tenant_id.encode()),
-        ("content-type", b"application/json"),
+        _CONTENT_TYPE,
     ]
 
 

@@ -1,0 +1,117 @@
+"""The per-call cost of the middleware's own logic, side by side with the seed.
+
+Every variant runs real ``Agent.run`` calls over the scripted chat client (no latency), one call
+at a time, alternating variants within each round so drift hits all alike:
+
+- ``noop``: a ChatMiddleware that only calls ``call_next`` (the framework's own cost);
+- ``seed``: the seed's TokenGuardMiddleware with its InMemoryQuotaStore and an on_usage callback;
+- ``ours``: ours in Kafka mode, the publisher and the notices feed running against the broker
+  (the background publishing runs on the same event loop, so its cost is counted too);
+- ``ours_nospool``: the same without an on-disk spool configured.
+
+The middleware's own cost is the variant's median minus noop's; ``ratio_vs_seed`` compares ours
+with the seed's. Needs the seed package: ``pip install --no-deps azureaicommunity-agent-token-guard==0.1.0``
+(``make bench`` does it).
+
+    python bench/hot_path.py            # 9 rounds x 3,000 calls per variant
+    python bench/hot_path.py --quick    # 3 rounds x 500 calls
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from _common import broker, emit, fresh_layout, median
+
+from agent_framework import Agent, ChatMiddleware
+from producer import KafkaConnection, KafkaQuotaStore, ProducerConfig, TokenGuardMiddleware, ensure_topics
+from producer.scripted import ScriptedChatClient
+
+try:
+    from token_guard_middleware import TokenGuardMiddleware as SeedMiddleware
+    from token_guard_middleware.token_tracker import InMemoryQuotaStore as SeedStore
+except ImportError as exc:  # pragma: no cover - a setup step, said plainly
+    raise SystemExit(
+        "the seed package is missing: pip install --no-deps azureaicommunity-agent-token-guard==0.1.0"
+    ) from exc
+
+
+class NoOp(ChatMiddleware):
+    async def process(self, context: Any, call_next: Any) -> None:
+        await call_next()
+
+
+def on_usage(record: dict[str, Any]) -> None:
+    """Both middlewares get the same trivial callback, as an application would pass one."""
+
+
+async def time_calls(agent: Agent, middleware: Any, calls: int) -> list[float]:
+    samples = []
+    run = agent.run
+    for _ in range(calls):
+        started = time.perf_counter_ns()
+        await run("What is our token budget?", middleware=[middleware])
+        samples.append((time.perf_counter_ns() - started) / 1000)
+    return samples
+
+
+async def main(rounds: int, calls: int) -> None:
+    with broker() as bootstrap, tempfile.TemporaryDirectory() as spool_root:
+        connection = KafkaConnection(bootstrap_servers=bootstrap)
+        layout = fresh_layout("hotpath")
+        await ensure_topics(connection, layout)
+        base = ProducerConfig(connection=connection, topics=layout, instance_id="bench", spool_dir=Path(spool_root))
+        async with KafkaQuotaStore(base) as with_spool, KafkaQuotaStore(replace(base, spool_dir=None)) as without:
+            variants: dict[str, Any] = {
+                "noop": NoOp(),
+                "seed": SeedMiddleware(on_usage=on_usage, quota_store=SeedStore(), quota_tokens=10**15),
+                "ours": TokenGuardMiddleware(quota_store=with_spool, quota_tokens=10**15, on_usage=on_usage),
+                "ours_nospool": TokenGuardMiddleware(quota_store=without, quota_tokens=10**15, on_usage=on_usage),
+            }
+            agent = Agent(ScriptedChatClient(reply_words=40))
+            for middleware in variants.values():  # warm up every path once
+                await time_calls(agent, middleware, 200)
+            per_round: dict[str, list[float]] = {name: [] for name in variants}
+            all_ours: list[float] = []
+            names = list(variants)
+            for round_ in range(rounds):
+                order = names[round_ % len(names):] + names[: round_ % len(names)]
+                for name in order:
+                    gc.collect()
+                    samples = await time_calls(agent, variants[name], calls)
+                    per_round[name].append(statistics.median(samples))
+                    if name == "ours":
+                        all_ours.extend(samples)
+                print("round %d: " % (round_ + 1) + ", ".join(f"{n} {per_round[n][-1]:.1f} us" for n in names))
+            await with_spool.publisher.flush(timeout=60)
+            await without.publisher.flush(timeout=60)
+            published = with_spool.publisher.stats.published + without.publisher.stats.published
+    med = {name: median(values) for name, values in per_round.items()}
+    own = {name: med[name] - med["noop"] for name in names if name != "noop"}
+    ratio = own["ours"] / own["seed"]
+    p99 = sorted(all_ours)[int(len(all_ours) * 0.99)]
+    print("\n| variant | median per call | own cost (minus noop) |\n|---|---|---|")
+    for name in names:
+        print(f"| {name} | {med[name]:.1f} us | {'' if name == 'noop' else f'{own[name]:.1f} us'} |")
+    print(f"\nratio_vs_seed = (ours - noop) / (seed - noop) = {ratio:.2f}; ours p99 {p99:.1f} us; "
+          f"{published:,} usage events delivered to Kafka during the run")
+    emit({
+        "rounds": rounds, "calls_per_round": calls, "noop_us": round(med["noop"], 2), "seed_us": round(med["seed"], 2),
+        "ours_us": round(med["ours"], 2), "ours_nospool_us": round(med["ours_nospool"], 2),
+        "ratio_vs_seed": round(ratio, 3), "p99_us": round(p99, 2),
+    })
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="3 rounds x 500 calls")
+    args = parser.parse_args()
+    asyncio.run(main(3, 500) if args.quick else main(9, 3_000))
