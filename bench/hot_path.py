@@ -44,6 +44,15 @@ except ImportError as exc:  # pragma: no cover - a setup step, said plainly
     ) from exc
 
 
+class YieldingClient(ScriptedChatClient):
+    """Answers at once but yields to the event loop once per call, as any real I/O would, so the
+    publisher's background work interleaves with the calls instead of piling up after them."""
+
+    async def _respond(self, text: str, usage: Any) -> Any:
+        await asyncio.sleep(0)
+        return await super()._respond(text, usage)
+
+
 class NoOp(ChatMiddleware):
     async def process(self, context: Any, call_next: Any) -> None:
         await call_next()
@@ -53,14 +62,19 @@ def on_usage(record: dict[str, Any]) -> None:
     """Both middlewares get the same trivial callback, as an application would pass one."""
 
 
-async def time_calls(agent: Agent, middleware: Any, calls: int) -> list[float]:
+async def time_calls(agent: Agent, middleware: Any, calls: int, store: KafkaQuotaStore | None = None) -> tuple[list[float], float]:
+    """Per-call latencies (us), and the CPU time per call including delivering what was published
+    (CPU, not wall: waiting for the broker's acknowledgement is idle time, not cost)."""
     samples = []
     run = agent.run
+    begun = time.process_time_ns()
     for _ in range(calls):
         started = time.perf_counter_ns()
         await run("What is our token budget?", middleware=[middleware])
         samples.append((time.perf_counter_ns() - started) / 1000)
-    return samples
+    if store is not None:
+        await store.publisher.flush(timeout=60)
+    return samples, (time.process_time_ns() - begun) / 1000 / calls
 
 
 async def main(rounds: int, calls: int) -> None:
@@ -76,18 +90,21 @@ async def main(rounds: int, calls: int) -> None:
                 "ours": TokenGuardMiddleware(quota_store=with_spool, quota_tokens=10**15, on_usage=on_usage),
                 "ours_nospool": TokenGuardMiddleware(quota_store=without, quota_tokens=10**15, on_usage=on_usage),
             }
-            agent = Agent(ScriptedChatClient(reply_words=40))
-            for middleware in variants.values():  # warm up every path once
-                await time_calls(agent, middleware, 200)
+            stores = {"ours": with_spool, "ours_nospool": without}
+            agent = Agent(YieldingClient(reply_words=40))
+            for name, middleware in variants.items():  # warm up every path once
+                await time_calls(agent, middleware, 200, stores.get(name))
             per_round: dict[str, list[float]] = {name: [] for name in variants}
+            amortized: dict[str, list[float]] = {name: [] for name in variants}
             all_ours: list[float] = []
             names = list(variants)
             for round_ in range(rounds):
                 order = names[round_ % len(names):] + names[: round_ % len(names)]
                 for name in order:
                     gc.collect()
-                    samples = await time_calls(agent, variants[name], calls)
+                    samples, per_call = await time_calls(agent, variants[name], calls, stores.get(name))
                     per_round[name].append(statistics.median(samples))
+                    amortized[name].append(per_call)
                     if name == "ours":
                         all_ours.extend(samples)
                 print("round %d: " % (round_ + 1) + ", ".join(f"{n} {per_round[n][-1]:.1f} us" for n in names))
@@ -95,18 +112,24 @@ async def main(rounds: int, calls: int) -> None:
             await without.publisher.flush(timeout=60)
             published = with_spool.publisher.stats.published + without.publisher.stats.published
     med = {name: median(values) for name, values in per_round.items()}
+    amo = {name: median(values) for name, values in amortized.items()}
     own = {name: med[name] - med["noop"] for name in names if name != "noop"}
+    own_amo = {name: amo[name] - amo["noop"] for name in names if name != "noop"}
     ratio = own["ours"] / own["seed"]
+    ratio_amortized = own_amo["ours"] / own_amo["seed"]
     p99 = sorted(all_ours)[int(len(all_ours) * 0.99)]
-    print("\n| variant | median per call | own cost (minus noop) |\n|---|---|---|")
+    print("\n| variant | median per call | own cost (median - noop) | amortized incl. publishing | own cost amortized |")
+    print("|---|---|---|---|---|")
     for name in names:
-        print(f"| {name} | {med[name]:.1f} us | {'' if name == 'noop' else f'{own[name]:.1f} us'} |")
-    print(f"\nratio_vs_seed = (ours - noop) / (seed - noop) = {ratio:.2f}; ours p99 {p99:.1f} us; "
+        extra = ("", "") if name == "noop" else (f"{own[name]:.1f} us", f"{own_amo[name]:.1f} us")
+        print(f"| {name} | {med[name]:.1f} us | {extra[0]} | {amo[name]:.1f} us | {extra[1]} |")
+    print(f"\nratio_vs_seed = (ours - noop) / (seed - noop) = {ratio:.2f} on medians, {ratio_amortized:.2f} amortized "
+          f"(the publisher's background work included); ours p99 {p99:.1f} us; "
           f"{published:,} usage events delivered to Kafka during the run")
     emit({
         "rounds": rounds, "calls_per_round": calls, "noop_us": round(med["noop"], 2), "seed_us": round(med["seed"], 2),
         "ours_us": round(med["ours"], 2), "ours_nospool_us": round(med["ours_nospool"], 2),
-        "ratio_vs_seed": round(ratio, 3), "p99_us": round(p99, 2),
+        "ratio_vs_seed": round(ratio, 3), "ratio_vs_seed_amortized": round(ratio_amortized, 3), "p99_us": round(p99, 2),
     })
 
 

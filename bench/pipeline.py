@@ -28,15 +28,16 @@ from aggregator.verify import end_offsets
 from producer import KafkaConnection, ProducerConfig, UsagePublisher, ensure_topics
 from producer.kafka_admin import committed_offsets
 from schemas.topics import TopicLayout
-from schemas.usage import UsageEvent
+from schemas.wire import UsageDraft
 
 
-def make_events(count: int, tenants: int = 10_000) -> list[UsageEvent]:
+def make_events(count: int, tenants: int = 10_000) -> list[UsageDraft]:
+    """Events as the middleware hands them to the publisher."""
     rng = random.Random(1)
     now = datetime.now(timezone.utc)
     return [
-        UsageEvent.model_construct(
-            event_id=f"bench{i:012d}", schema_version=1, tenant_id=f"tenant-{rng.randrange(tenants):05d}",
+        UsageDraft(
+            event_id=f"bench{i:012d}", tenant_id=f"tenant-{rng.randrange(tenants):05d}",
             period_key="2026-11", model="m", input_tokens=40, output_tokens=60, total_tokens=100,
             cache_creation_input_tokens=None, cache_read_input_tokens=None, reasoning_output_tokens=None,
             quota_tokens=10**9, event_time=now, streaming=False, estimated=False, instance_id="bench", attributes={},
@@ -45,7 +46,7 @@ def make_events(count: int, tenants: int = 10_000) -> list[UsageEvent]:
     ]
 
 
-async def publish(config: ProducerConfig, events: list[UsageEvent]) -> float:
+async def publish(config: ProducerConfig, events: list[UsageDraft]) -> float:
     async with UsagePublisher(config) as publisher:
         started = time.perf_counter()
         for start in range(0, len(events), 10_000):

@@ -15,7 +15,6 @@ import itertools
 import logging
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
 
 from producer.config import ProducerConfig
 from producer.errors import UsageSpoolFullError
@@ -24,37 +23,9 @@ from producer.notices_feed import NoticesFeed
 from producer.publisher import UsagePublisher
 from producer.snapshot import QuotaSnapshot
 from producer.store import CallUsage, Decision
-from schemas.usage import USAGE_SCHEMA_VERSION
+from schemas.wire import UsageDraft
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class UsageDraft:
-    """A usage event as the hot path builds it: ``UsageEvent``'s fields, not validated here.
-
-    Building the pydantic model costs more than the rest of the middleware's per-call work; the
-    values come from our own code, and the aggregator validates every event again, so a bug here
-    would become a dead letter, not a wrong total. A test keeps the fields equal to the model's.
-    """
-
-    event_id: str
-    tenant_id: str
-    period_key: str
-    model: str | None
-    input_tokens: int | None
-    output_tokens: int | None
-    total_tokens: int
-    cache_creation_input_tokens: int | None
-    cache_read_input_tokens: int | None
-    reasoning_output_tokens: int | None
-    quota_tokens: int
-    event_time: datetime
-    streaming: bool
-    estimated: bool
-    instance_id: str
-    attributes: dict[str, str]
-    schema_version: int = USAGE_SCHEMA_VERSION
 
 
 @dataclass

@@ -7,21 +7,56 @@ pass ``functools.partial(month_key, tz=ZoneInfo("Europe/Berlin"))``. The default
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Callable
 from datetime import datetime, timezone, tzinfo
 
 
-def _at(now: datetime | None, tz: tzinfo) -> datetime:
-    return datetime.now(tz) if now is None else now.astimezone(tz)
+_cache: dict[tuple[Callable[[datetime], str], tzinfo], tuple[int, str]] = {}
+
+
+def _key(render: Callable[[datetime], str], tz: tzinfo, now: datetime | None) -> str:
+    """``render`` the period of ``now`` (default: this instant) in ``tz``.
+
+    The middleware asks on every call; a key computed in the same whole second is reused,
+    which is exact because period boundaries fall on whole seconds.
+    """
+    if now is not None:
+        return render(now.astimezone(tz))
+    second = int(time.time())
+    cached = _cache.get((render, tz))
+    if cached is not None and cached[0] == second:
+        return cached[1]
+    value = render(datetime.fromtimestamp(second, tz))
+    _cache[(render, tz)] = (second, value)
+    return value
+
+
+def _month(moment: datetime) -> str:
+    return moment.strftime("%Y-%m")
+
+
+def _day(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%d")
+
+
+def _iso_week(moment: datetime) -> str:
+    year, week, _ = moment.isocalendar()
+    return f"{year:04d}-W{week:02d}"
+
+
+def _seed_week(moment: datetime) -> str:
+    return moment.strftime("%Y-W%W")
 
 
 def month_key(*, tz: tzinfo = timezone.utc, now: datetime | None = None) -> str:
     """``2026-04``."""
-    return _at(now, tz).strftime("%Y-%m")
+    return _key(_month, tz, now)
 
 
 def day_key(*, tz: tzinfo = timezone.utc, now: datetime | None = None) -> str:
     """``2026-04-14``."""
-    return _at(now, tz).strftime("%Y-%m-%d")
+    return _key(_day, tz, now)
 
 
 def week_key(*, tz: tzinfo = timezone.utc, now: datetime | None = None) -> str:
@@ -31,13 +66,12 @@ def week_key(*, tz: tzinfo = timezone.utc, now: datetime | None = None) -> str:
     the days around New Year fall into two short buckets. ``seed_week_key`` keeps that scheme for
     deployments whose stored totals were keyed by it.
     """
-    year, week, _ = _at(now, tz).isocalendar()
-    return f"{year:04d}-W{week:02d}"
+    return _key(_iso_week, tz, now)
 
 
 def seed_week_key(*, tz: tzinfo = timezone.utc, now: datetime | None = None) -> str:
     """The seed's ``%Y-W%W`` week key, for continuity with totals stored by the seed."""
-    return _at(now, tz).strftime("%Y-W%W")
+    return _key(_seed_week, tz, now)
 
 
 _KINDS = (

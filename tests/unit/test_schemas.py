@@ -4,6 +4,8 @@ import json
 from datetime import datetime, timezone
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from schemas import DecodeError, QuotaLimit, UsageEvent
 from schemas import export, wire
@@ -129,3 +131,30 @@ def test_checked_in_json_schemas_are_current() -> None:
         path = export.JSON_DIR / file_name
         assert path.exists(), f"{file_name} missing: run python -m schemas.export"
         assert path.read_text() == text, f"{file_name} is stale: run python -m schemas.export"
+
+
+def test_the_publisher_fast_encoding_decodes_to_the_same_event() -> None:
+    from dataclasses import fields
+
+    from schemas.wire import UsageDraft
+
+    assert {f.name for f in fields(UsageDraft)} == set(UsageEvent.model_fields)
+    original = event(attributes={"team": "search"}, cache_read_input_tokens=5, estimated=True)
+    draft = UsageDraft(**{name: getattr(original, name) for name in UsageEvent.model_fields})
+    assert wire.decode_usage(wire.encode_usage(draft)) == original
+    assert wire.decode_usage(wire.encode_usage(original)) == original
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    tenant=st.text(min_size=1, max_size=40).filter(str.isprintable),
+    tokens=st.integers(0, 100_000_000),
+    model=st.none() | st.text(max_size=50),
+    when=st.datetimes(timezones=st.just(timezone.utc)),
+    attributes=st.dictionaries(st.text(min_size=1, max_size=10), st.text(max_size=20), max_size=5),
+)
+def test_fast_encoding_round_trips_any_valid_event(
+    tenant: str, tokens: int, model: str | None, when: datetime, attributes: dict[str, str]
+) -> None:
+    original = event(tenant_id=tenant, total_tokens=tokens, model=model, event_time=when, attributes=attributes)
+    assert wire.decode_usage(wire.encode_usage(original)) == original
