@@ -79,12 +79,20 @@ def config_from_args(args: argparse.Namespace) -> AggregatorConfig:
     return config
 
 
+def dump_tasks() -> None:
+    """SIGUSR1: print every asyncio task's stack to stderr, to see where a live process waits."""
+    for task in asyncio.all_tasks():
+        print(f"--- {task.get_name()}", file=sys.stderr)
+        task.print_stack(file=sys.stderr)
+
+
 async def serve(config: AggregatorConfig) -> int:
     service = AggregatorService(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
     await service.start()
     log = logging.getLogger("aggregator")
     log.info("aggregator %s consuming %s", config.aggregator_id, config.topics.usage)

@@ -52,14 +52,15 @@ class AggregatorStats:
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, service: AggregatorService) -> None:
+    def __init__(self, service: AggregatorService, consumer: AIOKafkaConsumer) -> None:
         self._service = service
+        self._consumer = consumer
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         await self._service._on_revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        await self._service._on_assigned(assigned)
+        await self._service._on_assigned(assigned, self._consumer)
 
 
 class AggregatorService:
@@ -77,6 +78,7 @@ class AggregatorService:
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._owned: set[int] = set()
+        self._to_restore: set[TopicPartition] = set()
         self._offsets: dict[TopicPartition, int] = {}
         self._unacked: list[asyncio.Future[object]] = []
         self._stopping = False
@@ -123,7 +125,7 @@ class AggregatorService:
         try:
             # Limits first: the first usage batch is judged against them.
             await self._limits_feed.start()
-            consumer.subscribe([config.topics.usage], listener=_Rebalance(self))
+            consumer.subscribe([config.topics.usage], listener=_Rebalance(self, consumer))
             await consumer.start()
         except BaseException:
             await self._limits_feed.stop()
@@ -167,6 +169,9 @@ class AggregatorService:
         assert consumer is not None
         window_s = self.config.batch_window_ms / 1000
         while not self._stopping:
+            if self._to_restore:
+                async with self._lock:
+                    await self._restore()
             batches = await consumer.getmany(timeout_ms=self.config.batch_window_ms, max_records=self.config.batch_max)
             async with self._lock:
                 # 1. Apply; keep polling until the batch is full or its window has passed.
@@ -187,10 +192,17 @@ class AggregatorService:
 
     async def _apply_all(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> int:
         count = 0
+        consumer = self._consumer
+        assert consumer is not None
         for tp, records in batches.items():
-            if tp.partition in self._owned and records:
+            if not records:
+                continue
+            if tp.partition in self._owned:
                 await self._apply(tp, records)
                 count += len(records)
+            elif tp in consumer.assignment():
+                # Fetched before its state was restored: read these again once it is.
+                consumer.seek(tp, records[0].offset)
         return count
 
     async def _apply(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
@@ -311,6 +323,7 @@ class AggregatorService:
             if self._producer is not None and self._consumer is not None:
                 await self._flush()
             partitions = {tp.partition for tp in revoked if tp.topic == self.config.topics.usage}
+            self._to_restore -= set(revoked)
             self._owned -= partitions
             self.state.drop_partitions(partitions)
             for tp in revoked:
@@ -318,35 +331,51 @@ class AggregatorService:
             if partitions:
                 log.info("partitions revoked: %s", sorted(partitions))
 
-    async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
-        """Restore owned partitions before any of their records is processed: totals from the
-        changelog, and the dedup window from the usage records just before the committed offset."""
-        async with self._lock:
-            tps = [tp for tp in assigned if tp.topic == self.config.topics.usage]
-            partitions = {tp.partition for tp in tps}
-            started = time.monotonic()
-            restored = await read_changelog(self.config.connection, self.config.topics.totals, partitions)
-            for record in restored.values():
-                if record.usage_partition in partitions:
-                    self.state.restore(record)
-            everything = await committed_offsets(self.config.connection, self.config.group_id, self.config.topics.usage)
-            committed = {p: offset for p, offset in everything.items() if p in partitions and offset > 0}
-            for partition, offset in committed.items():
-                self.state.mark_position(partition, offset - 1)
-            seen = await recent_event_ids(
-                self.config.connection, self.config.topics.usage, committed, self.config.dedup_window
-            )
-            for partition, event_ids in seen.items():
-                self.state.remember(partition, event_ids)
-            self.stats.restored_keys += len(restored)
-            self.stats.last_restore_s = time.monotonic() - started
-            self._owned |= partitions
-            self._next_heartbeat = 0.0
-            log.info(
-                "partitions assigned: %s; restored %d keys and %d event ids in %.2fs",
-                sorted(partitions),
-                len(restored),
-                sum(len(ids) for ids in seen.values()),
-                self.stats.last_restore_s,
-            )
-            self.assigned.set()
+    async def _on_assigned(self, assigned: set[TopicPartition], consumer: AIOKafkaConsumer) -> None:
+        """Pause newly assigned partitions; the main loop restores them before resuming.
+
+        Restoring inside this callback would stall the group's rebalance for as long as the
+        restore takes, and a restore longer than the session timeout gets the member evicted,
+        which starts the next rebalance: a loop. Paused, the partitions fetch nothing until
+        their state is back, while the consumer keeps heartbeating.
+        """
+        tps = {tp for tp in assigned if tp.topic == self.config.topics.usage}
+        if tps:
+            consumer.pause(*tps)
+        self._to_restore |= tps
+
+    async def _restore(self) -> None:
+        """Bring back the state of partitions assigned since the last batch, then resume them:
+        totals from the changelog, the dedup window from the usage records before the committed offset."""
+        tps, self._to_restore = self._to_restore, set()
+        assigned = self._consumer.assignment() if self._consumer is not None else set()
+        tps = {tp for tp in tps if tp in assigned}  # revoked again meanwhile: nothing to do
+        if not tps:
+            return
+        partitions = {tp.partition for tp in tps}
+        started = time.monotonic()
+        restored = await read_changelog(self.config.connection, self.config.topics.totals, partitions)
+        for record in restored.values():
+            if record.usage_partition in partitions:
+                self.state.restore(record)
+        everything = await committed_offsets(self.config.connection, self.config.group_id, self.config.topics.usage)
+        committed = {p: offset for p, offset in everything.items() if p in partitions and offset > 0}
+        for partition, offset in committed.items():
+            self.state.mark_position(partition, offset - 1)
+        seen = await recent_event_ids(self.config.connection, self.config.topics.usage, committed, self.config.dedup_window)
+        for partition, event_ids in seen.items():
+            self.state.remember(partition, event_ids)
+        self.stats.restored_keys += len(restored)
+        self.stats.last_restore_s = time.monotonic() - started
+        self._owned |= partitions
+        self._next_heartbeat = 0.0
+        if self._consumer is not None:
+            self._consumer.resume(*tps)
+        log.info(
+            "partitions assigned: %s; restored %d keys and %d event ids in %.2fs",
+            sorted(partitions),
+            len(restored),
+            sum(len(ids) for ids in seen.values()),
+            self.stats.last_restore_s,
+        )
+        self.assigned.set()

@@ -118,7 +118,7 @@ async def main(rounds: int, calls: int) -> None:
     ratio = own["ours"] / own["seed"]
     ratio_amortized = own_amo["ours"] / own_amo["seed"]
     p99 = sorted(all_ours)[int(len(all_ours) * 0.99)]
-    print("\n| variant | median per call | own cost (median - noop) | amortized incl. publishing | own cost amortized |")
+    print("\n| variant | median per call | own cost (median - noop) | CPU per call incl. publishing | own CPU per call |")
     print("|---|---|---|---|---|")
     for name in names:
         extra = ("", "") if name == "noop" else (f"{own[name]:.1f} us", f"{own_amo[name]:.1f} us")

@@ -177,8 +177,8 @@ class UsagePublisher:
         queue = self._queue
         if len(queue) >= self._config.queue_max:
             self.stats.over_queue_max += 1
-            if self.stats.over_queue_max % 10_000 == 1:
-                log.warning("usage queue holds %d events (limit %d): Kafka is slow or away", len(queue), self._config.queue_max)
+            if self.stats.over_queue_max % 100_000 == 1:
+                log.warning("usage queue holds %d events (past queue_max %d): Kafka is slow or away", len(queue), self._config.queue_max)
         queue.append(event)
         self.stats.published += 1
         if not self._wakeup.is_set():
