@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-unit kafka-up kafka-down kafka-fetch schemas clean
+.PHONY: install demo test test-unit bench kafka-up kafka-down kafka-fetch schemas clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ test: install kafka-fetch
 
 test-unit: install
 	$(PY) -m pytest tests/unit
+
+## Benchmarks; each starts its own broker unless KAFKA_BOOTSTRAP_SERVERS is set.
+bench: install kafka-fetch
+	$(PY) -m pip install --quiet --no-deps azureaicommunity-agent-token-guard==0.1.0
+	$(PY) bench/hot_path.py
+	$(PY) bench/pipeline.py
+	$(PY) bench/restore.py
 
 ## Regenerate schemas/json/ from the pydantic models.
 schemas: install
