@@ -37,6 +37,7 @@ async def run(args: argparse.Namespace) -> dict:
         topics=TopicLayout(prefix=args.topic_prefix, partitions=args.partitions),
         instance_id=args.instance,
         create_topics=False,
+        spool_dir=Path(__file__).resolve().parent.parent / ".cache" / "demo" / "spool",
     )
     rng = random.Random(args.seed)
     tally = {tenant: {"allowed": 0, "blocked": 0, "tokens": 0, "streamed": 0} for tenant in limits}
