@@ -1,0 +1,109 @@
+"""One middleware process of a benchmark fleet (run by propagation.py and overshoot.py).
+
+Talks over its standard streams: prints ``ready`` once started, waits for ``go`` on stdin,
+prints one JSON line per result.
+
+    watch:    reports when each of the tenants probe-0 .. probe-N-1 becomes blocked here
+    overshoot: calls for one tenant as fast as it can until refused, with ours or the seed's middleware
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from agent_framework import Agent  # noqa: E402
+
+from producer import KafkaConnection, KafkaQuotaStore, ProducerConfig, QuotaExceededError, TokenGuardMiddleware  # noqa: E402
+from producer.scripted import ScriptedChatClient  # noqa: E402
+from schemas.topics import TopicLayout  # noqa: E402
+
+
+def config(args: argparse.Namespace) -> ProducerConfig:
+    return ProducerConfig(
+        connection=KafkaConnection(bootstrap_servers=args.bootstrap_servers),
+        topics=TopicLayout(prefix=args.topic_prefix, partitions=args.partitions),
+        instance_id=f"bench-{args.name}",
+        create_topics=False,
+        spool_dir=None,
+    )
+
+
+async def wait_for_go() -> None:
+    print("ready", flush=True)
+    line = await asyncio.to_thread(sys.stdin.readline)
+    if line.strip() != "go":
+        raise SystemExit(f"expected 'go', got {line!r}")
+
+
+async def watch(args: argparse.Namespace) -> None:
+    async with KafkaQuotaStore(config(args)) as store:
+        await wait_for_go()
+        for trial in range(args.trials):
+            tenant = f"probe-{trial}"
+            await store.feed.wait_until(lambda s, t=tenant: not s.decide(t, "p", 10**12).allowed, timeout=120)
+            print(json.dumps({"trial": trial, "blocked_at": time.time()}), flush=True)
+
+
+async def overshoot(args: argparse.Namespace) -> None:
+    tokens = 0
+    calls = 0
+    agent = Agent(ScriptedChatClient(reply_words=args.reply_words))
+
+    def count(record: dict) -> None:
+        nonlocal tokens, calls
+        tokens += record["total_tokens"]
+        calls += 1
+
+    async def call_until_refused(middleware: object, refused: type[Exception]) -> tuple[float, float]:
+        started = time.time()
+        try:
+            while True:
+                await agent.run("Spend.", middleware=[middleware])
+                await asyncio.sleep(0)  # let the publisher and the notices feed run, as real I/O would
+        except refused:
+            return started, time.time()
+
+    if args.variant == "seed":
+        from token_guard_middleware import TokenGuardMiddleware as SeedMiddleware
+        from token_guard_middleware.token_tracker import InMemoryQuotaStore
+        from token_guard_middleware.token_tracker import QuotaExceededError as SeedQuotaExceededError
+
+        middleware = SeedMiddleware(
+            on_usage=count, quota_store=InMemoryQuotaStore(), quota_tokens=args.limit, user_id_getter=lambda _: "hot"
+        )
+        await wait_for_go()
+        started, ended = await call_until_refused(middleware, SeedQuotaExceededError)
+    else:
+        async with KafkaQuotaStore(config(args)) as store:
+            middleware = TokenGuardMiddleware(
+                quota_store=store, quota_tokens=args.limit, on_usage=count, user_id_getter=lambda _: "hot"
+            )
+            await wait_for_go()
+            started, ended = await call_until_refused(middleware, QuotaExceededError)
+    print(json.dumps({"name": args.name, "tokens": tokens, "calls": calls, "started": started, "ended": ended}), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=["watch", "overshoot"])
+    parser.add_argument("--bootstrap-servers", required=True)
+    parser.add_argument("--topic-prefix", required=True)
+    parser.add_argument("--partitions", type=int, default=6)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--variant", choices=["ours", "seed"], default="ours")
+    parser.add_argument("--limit", type=int, default=1_000_000)
+    parser.add_argument("--reply-words", type=int, default=40)
+    args = parser.parse_args()
+    asyncio.run(watch(args) if args.mode == "watch" else overshoot(args))
+
+
+if __name__ == "__main__":
+    main()
