@@ -32,7 +32,7 @@ from aggregator.state import Limits, Outcome, TotalsState
 from producer.kafka_admin import TopicMismatchError, close_consumer, committed_offsets, ensure_topics, topic_partitions
 from schemas.errors import DecodeError
 from schemas.notices import Heartbeat, QuotaNotice
-from schemas.wire import decode_usage_record, encode, heartbeat_key, tenant_period_key
+from schemas.wire import decode_usage_record, encode, encode_fields, heartbeat_key, tenant_period_key
 
 log = logging.getLogger(__name__)
 
@@ -253,12 +253,14 @@ class AggregatorService:
         topics = self.config.topics
         futures = self._unacked
         self._unacked = []
-        # 2. The changelog record goes to the usage record's own partition number (co-partitioned).
+        # 2. The changelog record goes to the usage record's own partition number (co-partitioned),
+        # one aiokafka batch per partition rather than one send() per key.
+        by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
         for key, totals in dirty:
-            record = self.state.to_record(key, totals, now)
-            futures.append(
-                await producer.send(topics.totals, encode(record), key=tenant_period_key(*key), partition=totals.partition)
-            )
+            value = encode_fields(self.state.record_fields(key, totals, now))
+            by_partition.setdefault(totals.partition, []).append((tenant_period_key(*key), value))
+        for partition, records in by_partition.items():
+            futures.extend(await self._send_records(producer, topics.totals, partition, records))
         for key, totals, reason in notify:
             notice = QuotaNotice.model_construct(
                 type="notice",
@@ -287,6 +289,21 @@ class AggregatorService:
             except (CommitFailedError, IllegalStateError) as exc:
                 self.stats.commit_failures += 1
                 log.warning("offset commit skipped after a rebalance: %s", exc)
+
+    @staticmethod
+    async def _send_records(
+        producer: AIOKafkaProducer, topic: str, partition: int, records: list[tuple[bytes, bytes]]
+    ) -> list[asyncio.Future[object]]:
+        futures = []
+        batch = producer.create_batch()
+        for key, value in records:
+            if batch.append(key=key, value=value, timestamp=None) is None:
+                futures.append(await producer.send_batch(batch, topic, partition=partition))
+                batch = producer.create_batch()
+                batch.append(key=key, value=value, timestamp=None)
+        if batch.record_count():
+            futures.append(await producer.send_batch(batch, topic, partition=partition))
+        return futures
 
     async def _heartbeat_if_due(self) -> None:
         now = time.monotonic()

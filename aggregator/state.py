@@ -177,15 +177,20 @@ class TotalsState:
             self._windows.pop(partition, None)
 
     def to_record(self, key: Key, totals: Totals, now: datetime) -> TotalsRecord:
-        return TotalsRecord.model_construct(
-            tenant_id=key[0],
-            period_key=key[1],
-            used_tokens=totals.used,
-            event_count=totals.events,
-            limit_tokens=totals.limit,
-            state=totals.state,
-            usage_partition=totals.partition,
-            applied_offset=totals.applied_offset,
-            updated_at=now,
-            event_quota_tokens=totals.event_quota,
-        )
+        return TotalsRecord.model_construct(**self.record_fields(key, totals, now))
+
+    @staticmethod
+    def record_fields(key: Key, totals: Totals, now: datetime) -> dict[str, object]:
+        """The changelog record's fields (``TotalsRecord``'s names), for ``wire.encode_fields``."""
+        return {
+            "tenant_id": key[0],
+            "period_key": key[1],
+            "used_tokens": totals.used,
+            "event_count": totals.events,
+            "limit_tokens": totals.limit,
+            "state": totals.state,
+            "usage_partition": totals.partition,
+            "applied_offset": totals.applied_offset,
+            "updated_at": now,
+            "event_quota_tokens": totals.event_quota,
+        }

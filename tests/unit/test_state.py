@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from aggregator.dedup import DedupWindow
 from aggregator.state import Limits, Outcome, TotalsState, classify
 from schemas.limits import QuotaLimit
+from schemas.totals import TotalsRecord
 from schemas.usage import UsageEvent
 
 NOW = datetime(2026, 4, 14, tzinfo=timezone.utc)
@@ -177,3 +178,15 @@ def test_any_delivery_with_duplicates_and_crash_replays_gives_one_clean_pass(
             state.remember(0, (e.event_id for e in log[max(0, committed - state.dedup_window) : committed]))
             position = committed
     assert {key: totals.used for key, totals in state.totals.items() if totals.events} == clean
+
+
+def test_changelog_fast_encoding_decodes_to_the_record_model() -> None:
+    from schemas.wire import decode_totals, encode, encode_fields
+
+    state = TotalsState(Limits())
+    state.apply(3, 41, event("acme", 70))
+    key, totals = ("acme", "p"), state.totals[("acme", "p")]
+    assert set(state.record_fields(key, totals, NOW)) == set(TotalsRecord.model_fields)
+    fast = decode_totals(encode_fields(state.record_fields(key, totals, NOW)))
+    assert fast == decode_totals(encode(state.to_record(key, totals, NOW)))
+    assert (fast.used_tokens, fast.usage_partition, fast.applied_offset, fast.state) == (70, 3, 41, "ok")
