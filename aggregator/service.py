@@ -167,28 +167,48 @@ class AggregatorService:
     async def _run(self) -> None:
         consumer = self._consumer
         assert consumer is not None
-        window_s = self.config.batch_window_ms / 1000
         while not self._stopping:
             if self._to_restore:
                 async with self._lock:
                     await self._restore()
-            batches = await consumer.getmany(timeout_ms=self.config.batch_window_ms, max_records=self.config.batch_max)
+            # Poll without the lock: during a rebalance getmany() waits for the new assignment, and
+            # the rebalance waits for on_partitions_revoked, which needs the lock.
+            batches = await self._poll_batch(consumer)
             async with self._lock:
-                # 1. Apply; keep polling until the batch is full or its window has passed.
-                count = await self._apply_all(batches)
-                closes_at = time.monotonic() + window_s
-                while count and count < self.config.batch_max and not self._stopping:
-                    remaining = closes_at - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    more = await consumer.getmany(
-                        timeout_ms=max(1, int(remaining * 1000)), max_records=self.config.batch_max - count
-                    )
-                    if not more:
-                        break
-                    count += await self._apply_all(more)
+                # 1. Apply (records of partitions revoked meanwhile are skipped: their new owner
+                # reads them again from the committed offset).
+                for batch in batches:
+                    await self._apply_all(batch)
                 await self._flush()
                 await self._heartbeat_if_due()
+
+    async def _poll_batch(self, consumer: AIOKafkaConsumer) -> list[dict[TopicPartition, list[ConsumerRecord]]]:
+        """One batch: polls until ``batch_max`` records or ``batch_window_ms`` after the first one.
+
+        Each poll is bounded: aiokafka's getmany() ignores its timeout while the group has no
+        assignment, which would otherwise keep stop() waiting through a stuck rebalance."""
+        window_s = self.config.batch_window_ms / 1000
+        polls = []
+        count = 0
+        closes_at = None
+        while count < self.config.batch_max and not self._stopping:
+            remaining = window_s if closes_at is None else closes_at - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                more = await asyncio.wait_for(
+                    consumer.getmany(timeout_ms=max(1, int(remaining * 1000)), max_records=self.config.batch_max - count),
+                    remaining + 1.0,
+                )
+            except asyncio.TimeoutError:
+                break
+            if not more:
+                break
+            polls.append(more)
+            count += sum(len(records) for records in more.values())
+            if closes_at is None:
+                closes_at = time.monotonic() + window_s
+        return polls
 
     async def _apply_all(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> int:
         count = 0

@@ -61,18 +61,26 @@ async def aggregate(connection: KafkaConnection, layout: TopicLayout, processes:
     ends = await end_offsets(connection, layout.usage)
     total = sum(ends.values())
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    children = [
-        await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "aggregator", "--bootstrap-servers", connection.bootstrap_servers,
-            "--topic-prefix", layout.prefix, "--group-id", group, "--log-level", "WARNING",
-            cwd=REPO, env=env, stdin=asyncio.subprocess.DEVNULL,
-        )
-        for _ in range(processes)
-    ]
+    logs = REPO / ".cache" / "bench-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    children = []
+    for index in range(processes):
+        with open(logs / f"{group}-{index}.log", "w") as log:
+            children.append(await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "aggregator", "--bootstrap-servers", connection.bootstrap_servers,
+                "--topic-prefix", layout.prefix, "--group-id", group, "--log-level", "INFO",
+                cwd=REPO, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+            ))
+    deadline = time.perf_counter() + 300
     try:
         first_commit_at = None
         done_at_first = 0
         while True:
+            if time.perf_counter() > deadline:
+                for child in children:
+                    child.send_signal(signal.SIGUSR1)  # each prints its asyncio tasks' stacks to its log
+                await asyncio.sleep(1)
+                raise RuntimeError(f"group {group} did not catch up within 300 s; see {logs}/{group}-*.log")
             committed = await committed_offsets(connection, group, layout.usage)
             done = sum(committed.values())
             now = time.perf_counter()
@@ -87,7 +95,14 @@ async def aggregate(connection: KafkaConnection, layout: TopicLayout, processes:
         for child in children:
             child.send_signal(signal.SIGTERM)
         for child in children:
-            await child.wait()
+            try:
+                await asyncio.wait_for(child.wait(), 30)
+            except asyncio.TimeoutError:
+                child.send_signal(signal.SIGUSR1)
+                await asyncio.sleep(1)
+                child.kill()
+                await child.wait()
+                print(f"an aggregator of {group} did not stop on SIGTERM; its task stacks are in {logs}", file=sys.stderr)
 
 
 async def main(count: int, rounds: int) -> None:
