@@ -1,0 +1,80 @@
+"""The ``tokenguard`` operator command, run as a process against the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+
+import pytest
+
+from aggregator import AggregatorConfig, AggregatorService
+from producer import ProducerConfig, UsagePublisher
+from tests.helpers import REPO, make_event
+
+pytestmark = pytest.mark.integration
+
+
+async def tokenguard(config: AggregatorConfig, *args: str, bootstrap: str | None = None) -> tuple[int, str]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap or config.connection.bootstrap_servers,
+        "TOKENGUARD_TOPIC_PREFIX": config.topics.prefix,
+        "TOKENGUARD_PARTITIONS": str(config.topics.partitions),
+        "TOKENGUARD_GROUP_ID": config.group_id,
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "aggregator.cli", *args, cwd=REPO, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), 90)
+    assert process.returncode is not None
+    return process.returncode, out.decode()
+
+
+async def test_topics_check_then_create(aggregator_config: AggregatorConfig) -> None:
+    code, out = await tokenguard(aggregator_config, "topics", "check")
+    assert code == 1 and out.count("MISSING") == 5
+    code, out = await tokenguard(aggregator_config, "topics", "create")
+    assert code == 0 and f"{aggregator_config.topics.usage}: 3 partitions" in out
+    code, out = await tokenguard(aggregator_config, "topics", "check")
+    assert code == 0 and "MISSING" not in out
+
+
+async def test_limits_set_get_list_delete(aggregator_config: AggregatorConfig) -> None:
+    assert (await tokenguard(aggregator_config, "topics", "create"))[0] == 0
+    code, out = await tokenguard(aggregator_config, "limits", "set", "acme", "--tokens", "2000000", "--warning-ratio", "0.9")
+    assert code == 0 and "acme: 2,000,000 tokens" in out
+    assert (await tokenguard(aggregator_config, "limits", "set", "--default", "--tokens", "5000", "--period", "month"))[0] == 0
+    code, out = await tokenguard(aggregator_config, "limits", "get", "acme")
+    assert code == 0 and "2,000,000" in out and "warning at 90%" in out
+    code, out = await tokenguard(aggregator_config, "limits", "list")
+    assert code == 0 and "(default): 5,000 tokens per month period" in out and "acme" in out
+    assert (await tokenguard(aggregator_config, "limits", "delete", "acme"))[0] == 0
+    code, out = await tokenguard(aggregator_config, "limits", "get", "acme")
+    assert code == 1 and "no limit set for acme" in out
+    code, out = await tokenguard(aggregator_config, "limits", "set", "acme", "--default", "--tokens", "1")
+    assert code != 0 and "not both" in out
+
+
+async def test_usage_show_and_verify(producer_config: ProducerConfig, aggregator_config: AggregatorConfig) -> None:
+    async with AggregatorService(aggregator_config) as aggregator:
+        await asyncio.wait_for(aggregator.assigned.wait(), 30)
+        async with UsagePublisher(producer_config) as publisher:
+            for index in range(30):
+                publisher.publish(make_event(f"t{index % 3}", 100))
+            await publisher.flush()
+        code, out = await tokenguard(aggregator_config, "verify", "--wait-s", "30")
+        assert code == 0 and "differences: 0" in out
+    code, out = await tokenguard(aggregator_config, "usage", "show", "--json")
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert code == 0 and sorted((r["tenant_id"], r["used_tokens"]) for r in rows) == [("t0", 1000), ("t1", 1000), ("t2", 1000)]
+    code, out = await tokenguard(aggregator_config, "usage", "show", "--tenant", "t1")
+    assert code == 0 and "t1" in out and "t0" not in out
+
+
+async def test_unreachable_kafka_is_a_clear_error(aggregator_config: AggregatorConfig) -> None:
+    code, out = await tokenguard(aggregator_config, "usage", "show", bootstrap="127.0.0.1:1")
+    assert code == 3 and "127.0.0.1:1" in out
