@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--default-limit", type=int, help="tokens per tenant and period when the limits topic sets none; "
                         "without it, the limit each event carries [TOKENGUARD_DEFAULT_LIMIT]")
     parser.add_argument("--warning-ratio", type=float, help="fraction of the limit that triggers a warning notice, default 0.8")
+    parser.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz and /readyz on 127.0.0.1 at this port "
+                        "[TOKENGUARD_METRICS_PORT]")
     parser.add_argument("--instance-id", help="static group membership id: a restart takes its partitions back at once "
                         "[TOKENGUARD_AGGREGATOR_INSTANCE_ID]")
     args = parser.parse_args(argv)
@@ -63,6 +65,7 @@ def config_from_args(args: argparse.Namespace) -> AggregatorConfig:
         default_limit=getattr(args, "default_limit", None),
         warning_ratio=getattr(args, "warning_ratio", None),
         group_instance_id=getattr(args, "instance_id", None),
+        metrics_port=getattr(args, "metrics_port", None),
     )
     if args.bootstrap_servers:
         config = replace(config, connection=replace(config.connection, bootstrap_servers=args.bootstrap_servers))

@@ -35,6 +35,9 @@ class AggregatorConfig:
     # once instead of after a session timeout. None: dynamic membership.
     group_instance_id: str | None = None
     session_timeout_ms: int = 10_000
+    # Prometheus /metrics, /healthz and /readyz; None: no endpoint. Loopback unless told otherwise.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     idempotence: bool = True
     create_topics: bool = True
 
@@ -66,6 +69,7 @@ class AggregatorConfig:
             "group_instance_id": env.get("TOKENGUARD_AGGREGATOR_INSTANCE_ID") or None,
             "dedup_window": int(env.get("TOKENGUARD_DEDUP_WINDOW", cls.dedup_window)),
             "session_timeout_ms": int(env.get("TOKENGUARD_SESSION_TIMEOUT_MS", cls.session_timeout_ms)),
+            "metrics_port": int(env["TOKENGUARD_METRICS_PORT"]) if env.get("TOKENGUARD_METRICS_PORT") else None,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]

@@ -20,6 +20,7 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
@@ -33,6 +34,9 @@ from producer.kafka_admin import TopicMismatchError, close_consumer, committed_o
 from schemas.errors import DecodeError
 from schemas.notices import Heartbeat, QuotaNotice
 from schemas.wire import decode_usage_record, encode, encode_fields, heartbeat_key, tenant_period_key
+
+if TYPE_CHECKING:
+    from aggregator.metrics import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +87,30 @@ class AggregatorService:
         self._unacked: list[asyncio.Future[object]] = []
         self._stopping = False
         self._next_heartbeat = 0.0
+        self.metrics: MetricsServer | None = None
 
     @property
     def owned_partitions(self) -> frozenset[int]:
         return frozenset(self._owned)
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def lag(self) -> dict[int, int]:
+        """Per owned partition: records the broker holds beyond what this process has applied."""
+        consumer = self._consumer
+        if consumer is None:
+            return {}
+        lag = {}
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            if highwater is not None and tp.partition in self._owned:
+                lag[tp.partition] = max(0, highwater - 1 - self.state.partition_offsets.get(tp.partition, -1))
+        return lag
+
+    def blocked_count(self) -> int:
+        return sum(1 for totals in self.state.totals.values() if totals.state == "exceeded")
 
     async def start(self) -> None:
         if self._task is not None:
@@ -134,6 +158,11 @@ class AggregatorService:
         self._producer, self._consumer = producer, consumer
         self._stopping = False
         self._task = asyncio.create_task(self._run(), name="tokenguard-aggregator")
+        if config.metrics_port is not None:
+            from aggregator.metrics import MetricsServer
+
+            self.metrics = MetricsServer(self, config.metrics_host, config.metrics_port)
+            await self.metrics.start()
 
     async def stop(self) -> None:
         """Finish the batch in hand, leave the group, close. Idempotent."""
@@ -141,6 +170,8 @@ class AggregatorService:
         if task is None:
             return
         self._stopping = True
+        if self.metrics is not None:
+            await self.metrics.stop()
         if not task.done():
             with contextlib.suppress(asyncio.CancelledError):
                 await task
