@@ -1,0 +1,41 @@
+"""examples/billing.py run as a process against usage on the real broker, duplicates included."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from producer import ProducerConfig, UsagePublisher, ensure_topics
+from tests.helpers import REPO, make_event
+
+pytestmark = pytest.mark.integration
+
+
+async def test_billing_example_prices_each_event_once(producer_config: ProducerConfig, tmp_path: Path) -> None:
+    await ensure_topics(producer_config.connection, producer_config.topics)
+    events = [make_event("acme", 3_000_000) for _ in range(2)] + [make_event("globex", 1_000_000)]
+    async with UsagePublisher(producer_config) as publisher:
+        for event in [*events, events[0]]:  # the first event arrives twice
+            publisher.publish(event)
+        await publisher.flush()
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"*": {"input": 1.0, "output": 2.0}}))
+    out = tmp_path / "costs.csv"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "examples/billing.py", "--prices", str(prices), "--out", str(out),
+        "--bootstrap-servers", producer_config.connection.bootstrap_servers,
+        "--topic-prefix", producer_config.topics.prefix,
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert await asyncio.wait_for(process.wait(), 60) == 0
+    with out.open() as file:
+        rows = {row["tenant"]: row for row in csv.DictReader(file)}
+    # make_event splits tokens a third input, the rest output: 1M in + 2M out per 3M event.
+    assert rows["acme"]["events"] == "2" and float(rows["acme"]["cost_usd"]) == pytest.approx(2 * (1.0 + 4.0))
+    assert rows["globex"]["total_tokens"] == "1000000"
