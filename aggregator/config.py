@@ -70,6 +70,7 @@ class AggregatorConfig:
             "dedup_window": int(env.get("TOKENGUARD_DEDUP_WINDOW", cls.dedup_window)),
             "session_timeout_ms": int(env.get("TOKENGUARD_SESSION_TIMEOUT_MS", cls.session_timeout_ms)),
             "metrics_port": int(env["TOKENGUARD_METRICS_PORT"]) if env.get("TOKENGUARD_METRICS_PORT") else None,
+            "metrics_host": env.get("TOKENGUARD_METRICS_HOST", cls.metrics_host),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
