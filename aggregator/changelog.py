@@ -14,7 +14,7 @@ from aiokafka.structs import ConsumerRecord
 
 from aggregator.errors import RestoreError
 from producer.config import KafkaConnection
-from producer.kafka_admin import close_consumer, topic_partitions
+from producer.kafka_admin import close_consumer, start_consumer, topic_partitions
 from schemas.errors import DecodeError
 from schemas.totals import TotalsRecord
 from schemas.wire import decode_totals, event_id_of
@@ -41,7 +41,7 @@ async def read_ranges(
         fetch_max_wait_ms=50,
         max_partition_fetch_bytes=8 * 1024 * 1024,
     )
-    await consumer.start()
+    await start_consumer(consumer)
     try:
         tps = {p: TopicPartition(topic, p) for p in ranges}
         consumer.assign(list(tps.values()))

@@ -30,7 +30,14 @@ from aggregator.changelog import read_changelog, recent_event_ids
 from aggregator.config import AggregatorConfig
 from aggregator.limits import LimitsFeed
 from aggregator.state import Limits, Outcome, TotalsState
-from producer.kafka_admin import TopicMismatchError, close_consumer, committed_offsets, ensure_topics, topic_partitions
+from producer.kafka_admin import (
+    TopicMismatchError,
+    close_consumer,
+    committed_offsets,
+    ensure_topics,
+    start_consumer,
+    topic_partitions,
+)
 from schemas.errors import DecodeError
 from schemas.notices import Heartbeat, QuotaNotice
 from schemas.wire import decode_usage_record, encode, encode_fields, heartbeat_key, tenant_period_key
@@ -150,7 +157,7 @@ class AggregatorService:
             # Limits first: the first usage batch is judged against them.
             await self._limits_feed.start()
             consumer.subscribe([config.topics.usage], listener=_Rebalance(self, consumer))
-            await consumer.start()
+            await start_consumer(consumer)
         except BaseException:
             await self._limits_feed.stop()
             await producer.stop()

@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from aggregator.changelog import read_changelog, read_ranges
 from producer.config import KafkaConnection
-from producer.kafka_admin import close_consumer, committed_offsets, topic_partitions
+from producer.kafka_admin import close_consumer, committed_offsets, start_consumer, topic_partitions
 from schemas.errors import DecodeError
 from schemas.topics import TopicLayout
 from schemas.totals import TotalsRecord
@@ -102,7 +102,7 @@ class VerifyReport:
 async def end_offsets(connection: KafkaConnection, topic: str) -> dict[int, int]:
     partitions = await topic_partitions(connection, topic)
     consumer = AIOKafkaConsumer(**connection.client_kwargs(), group_id=None, enable_auto_commit=False)
-    await consumer.start()
+    await start_consumer(consumer)
     try:
         ends = await consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
     finally:

@@ -99,15 +99,31 @@ def _run_dir(port: int) -> Path:
     return CACHE / f"run-{port}"
 
 
-def _properties(port: int, controller_port: int, data_dir: Path) -> str:
+@dataclass(frozen=True)
+class TlsListener:
+    """An extra SSL listener: ``keystore_pem`` holds the broker's private key (PKCS#8, unencrypted)
+    followed by its certificate chain, as Kafka's PEM keystore type reads it."""
+
+    port: int
+    keystore_pem: Path
+
+
+def _properties(port: int, controller_port: int, data_dir: Path, tls: TlsListener | None = None) -> str:
+    listeners = f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}"
+    advertised = f"PLAINTEXT://{HOST}:{port}"
+    protocols = "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+    if tls is not None:
+        listeners += f",SSL://{HOST}:{tls.port}"
+        advertised += f",SSL://{HOST}:{tls.port}"
+        protocols += ",SSL:SSL"
     settings = {
         "process.roles": "broker,controller",
         "node.id": "1",
         "controller.quorum.voters": f"1@{HOST}:{controller_port}",
-        "listeners": f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}",
-        "advertised.listeners": f"PLAINTEXT://{HOST}:{port}",
+        "listeners": listeners,
+        "advertised.listeners": advertised,
         "controller.listener.names": "CONTROLLER",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "listener.security.protocol.map": protocols,
         "inter.broker.listener.name": "PLAINTEXT",
         "log.dirs": str(data_dir),
         # Topics are created by the software with the right settings; an auto-created topic hides a bug.
@@ -122,6 +138,9 @@ def _properties(port: int, controller_port: int, data_dir: Path) -> str:
         "group.initial.rebalance.delay.ms": "0",
         "log.cleaner.backoff.ms": "1000",
     }
+    if tls is not None:
+        settings["listener.name.ssl.ssl.keystore.type"] = "PEM"
+        settings["listener.name.ssl.ssl.keystore.location"] = str(tls.keystore_pem)
     return "".join(f"{k}={v}\n" for k, v in settings.items())
 
 
@@ -203,7 +222,14 @@ def running(port: int = DEFAULT_PORT) -> Broker | None:
     return Broker(port, pid, run_dir) if pid and _pid_alive(pid) else None
 
 
-def start(port: int | None = DEFAULT_PORT, *, heap: str = "768m", timeout: float = 90.0, fresh: bool = True) -> Broker:
+def start(
+    port: int | None = DEFAULT_PORT,
+    *,
+    heap: str = "768m",
+    timeout: float = 90.0,
+    fresh: bool = True,
+    tls: TlsListener | None = None,
+) -> Broker:
     """Start a broker on 127.0.0.1:port (a free port when None); return once it answers metadata.
 
     With ``fresh=False`` an existing log directory for that port is kept, so a stopped broker can
@@ -227,7 +253,7 @@ def start(port: int | None = DEFAULT_PORT, *, heap: str = "768m", timeout: float
     else:
         controller_port = _free_port()
         controller_port_file.write_text(str(controller_port))
-    props.write_text(_properties(port, controller_port, data_dir))
+    props.write_text(_properties(port, controller_port, data_dir, tls))
     log4j.write_text(_LOG4J)
     java = _java(libs, log4j, heap)
     if not (data_dir / "meta.properties").exists():

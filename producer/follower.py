@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from producer.config import KafkaConnection
-from producer.kafka_admin import close_consumer, reached, topic_partitions
+from producer.kafka_admin import close_consumer, reached, start_consumer, topic_partitions
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class TopicFollower:
             auto_offset_reset="earliest",
             fetch_max_wait_ms=50,
         )
-        await consumer.start()
+        await start_consumer(consumer)
         try:
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)

@@ -146,3 +146,14 @@ async def close_consumer(consumer: AIOKafkaConsumer) -> None:
         if task is not None and task.cancelling():
             raise  # we are being cancelled ourselves
         log.debug("aiokafka consumer stop() surfaced its fetch task's cancellation; ignored")
+
+
+async def start_consumer(consumer: AIOKafkaConsumer) -> AIOKafkaConsumer:
+    """``consumer.start()``; if it fails (broker unreachable, TLS refused) the half-started consumer
+    is closed before the error propagates, instead of leaking its connections."""
+    try:
+        await consumer.start()
+    except BaseException:
+        await close_consumer(consumer)
+        raise
+    return consumer

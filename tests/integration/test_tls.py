@@ -1,0 +1,79 @@
+"""Every Kafka client of ours over TLS, against the local broker with a throwaway CA made here."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+import localkafka
+from aggregator import AggregatorConfig, AggregatorService
+from aggregator.changelog import read_changelog
+from producer import KafkaConnection, KafkaQuotaStore, ProducerConfig
+from producer.store import CallUsage
+from schemas.topics import TopicLayout
+from tests.helpers import eventually
+
+pytestmark = pytest.mark.integration
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_ca_and_server_cert(folder: Path) -> tuple[Path, Path]:
+    """A CA, and a broker certificate for 127.0.0.1 signed by it; returns (ca.pem, keystore.pem)."""
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+            "-subj", "/CN=tokenguard-test-ca", cwd=folder)
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+            "-subj", "/CN=127.0.0.1", cwd=folder)
+    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.pem", "-days", "1", "-extfile", "san.ext", cwd=folder)
+    openssl("pkcs8", "-topk8", "-nocrypt", "-in", "server.key", "-out", "server.pk8", cwd=folder)
+    keystore = folder / "keystore.pem"
+    keystore.write_text((folder / "server.pk8").read_text() + (folder / "server.pem").read_text())
+    return folder / "ca.pem", keystore
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.timeout(180)
+async def test_publisher_feed_aggregator_and_admin_over_tls(tmp_path: Path) -> None:
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        pytest.skip("adds a TLS listener to its own broker: needs the local launcher")
+    ca, keystore = make_ca_and_server_cert(tmp_path)
+    tls_port = free_port()
+    broker = await asyncio.to_thread(localkafka.start, None, tls=localkafka.TlsListener(tls_port, keystore))
+    try:
+        connection = KafkaConnection(bootstrap_servers=f"127.0.0.1:{tls_port}", security_protocol="SSL", ssl_cafile=str(ca))
+        layout = TopicLayout(prefix="tls.", partitions=2)
+        aggregator_config = AggregatorConfig(connection=connection, topics=layout, group_id="tls-aggregator",
+                                             heartbeat_interval_s=0.2)
+        producer_config = ProducerConfig(connection=connection, topics=layout, spool_dir=tmp_path / "spool")
+        async with AggregatorService(aggregator_config) as aggregator, KafkaQuotaStore(producer_config) as store:
+            await asyncio.wait_for(aggregator.assigned.wait(), 30)
+            store.record(CallUsage(
+                tenant_id="acme", period_key="p", model="m", input_tokens=1, output_tokens=2, total_tokens=700,
+                cache_creation_input_tokens=None, cache_read_input_tokens=None, reasoning_output_tokens=None,
+                quota_tokens=500, streaming=False, event_time=datetime.now(timezone.utc),
+            ))
+            await store.feed.wait_until(lambda s: (n := s.notice("acme", "p")) is not None and n.state == "exceeded", 30)
+            await eventually(lambda: aggregator.stats.events == 1, 30, "event applied over TLS")
+        totals = await read_changelog(connection, layout.totals)
+        assert totals[("acme", "p")].used_tokens == 700
+        # Without the CA the broker's certificate is refused: the TLS is real.
+        untrusted = KafkaConnection(bootstrap_servers=f"127.0.0.1:{tls_port}", security_protocol="SSL")
+        with pytest.raises(Exception):  # noqa: B017 - aiokafka's connection error after a failed handshake
+            await asyncio.wait_for(read_changelog(untrusted, layout.totals, [0]), 20)
+    finally:
+        await asyncio.to_thread(localkafka.stop, broker.port)
