@@ -5,6 +5,7 @@
     tokenguard limits get acme | list | delete acme
     tokenguard usage show [--tenant acme] [--period 2026-11]
     tokenguard verify                                independent recompute; exit 1 on any difference
+    tokenguard replay [--since 2026-11-01]           rebuild totals from the usage topic (aggregators stopped)
     tokenguard topics create | check
 
 Connection flags come first or after the subcommand; every one has an environment variable.
@@ -23,7 +24,9 @@ from datetime import datetime, timezone
 
 from aggregator.changelog import read_changelog
 from aggregator.config import AggregatorConfig
+from aggregator.errors import AggregatorError
 from aggregator.limits import LimitsFeed, delete_limit, write_limit
+from aggregator.replay import replay
 from aggregator.state import Limits
 from producer.kafka_admin import TopicMismatchError, ensure_topics, topic_partitions
 from schemas.limits import QuotaLimit
@@ -72,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="recompute totals from the usage topic and compare")
     verify.add_argument("--wait-s", type=float, default=60.0)
     _connection_flags(verify)
+
+    replay = commands.add_parser(
+        "replay", help="rebuild the aggregator's totals from the usage topic (stop the aggregators first)"
+    )
+    replay.add_argument("--since", type=datetime.fromisoformat,
+                        help="count only events at or after this time (ISO 8601, UTC if no offset)")
+    _connection_flags(replay)
 
     topics = commands.add_parser("topics", help="create the deployment's topics, or check them")
     topics.add_argument("action", choices=["create", "check"])
@@ -176,6 +186,13 @@ async def _topics(args: argparse.Namespace, config: AggregatorConfig) -> int:
     return 1 if problems else 0
 
 
+async def _replay(args: argparse.Namespace, config: AggregatorConfig) -> int:
+    since = args.since.replace(tzinfo=args.since.tzinfo or timezone.utc) if args.since else None
+    written = await replay(config, since=since)
+    print(f"rebuilt {written} tenant-periods from {config.topics.usage}; group {config.group_id!r} resumes at its end")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["aggregator"]:
@@ -188,10 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_aggregator(argv)
     args = build_parser().parse_args(argv)
     config = _config(args)
-    handler = {"limits": _limits, "usage": _usage, "topics": _topics}[args.command]
+    handler = {"limits": _limits, "usage": _usage, "topics": _topics, "replay": _replay}[args.command]
     try:
         return asyncio.run(handler(args, config))
-    except TopicMismatchError as exc:
+    except (TopicMismatchError, AggregatorError) as exc:
         print(f"tokenguard: {exc}", file=sys.stderr)
         return 1
     except (OSError, ConnectionError) as exc:

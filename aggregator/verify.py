@@ -60,6 +60,14 @@ class Recompute:
         self._events[period] = self._events.get(period, 0) + 1
         return event
 
+    def forget(self, event: UsageEvent) -> None:
+        """Take back a counted event (its id stays seen: repeats of it still count as repeats)."""
+        period = (event.tenant_id, event.period_key)
+        self._used[period] -= event.total_tokens
+        self._events[period] -= 1
+        if not self._events[period]:
+            del self._used[period], self._events[period]
+
     def totals(self) -> dict[Key, KeyTotals]:
         return {k: KeyTotals(self._used[k], self._events[k]) for k in self._used}
 

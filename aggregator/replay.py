@@ -1,0 +1,87 @@
+"""Rebuild the aggregator's state from the usage topic: the recovery path when the changelog is
+lost or known wrong.
+
+With the aggregator group stopped: recompute every tenant-period from the usage topic (the
+verifier's code path; optionally only events at or after a time), write the totals as the new
+changelog records, each carrying its partition's end offset, then commit the group's offsets at
+those ends. The aggregator restarts from there with the rebuilt state.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from aggregator.changelog import read_ranges
+from aggregator.config import AggregatorConfig
+from aggregator.errors import AggregatorError
+from aggregator.state import Limits, Totals, TotalsState, classify
+from aggregator.verify import Recompute, end_offsets
+from producer.kafka_admin import close_consumer, start_consumer, topic_partitions
+from schemas.wire import encode_fields, tenant_period_key
+
+
+async def group_is_empty(config: AggregatorConfig) -> bool:
+    admin = AIOKafkaAdminClient(**config.connection.client_kwargs(), client_id="tokenguard-admin")
+    await admin.start()
+    try:
+        described = await admin.describe_consumer_groups([config.group_id])
+    finally:
+        await admin.close()
+    return all(not group[5] for response in described for group in response.groups)
+
+
+async def replay(config: AggregatorConfig, *, since: datetime | None = None) -> int:
+    """Rebuild; return the number of tenant-periods written. Refuses while the group has members."""
+    if not await group_is_empty(config):
+        raise AggregatorError(f"aggregator group {config.group_id!r} has running members; stop them first")
+    layout = config.topics
+    ends = await end_offsets(config.connection, layout.usage)
+    recompute = Recompute()
+    partition_of: dict[tuple[str, str], int] = {}
+    quota_of: dict[tuple[str, str], int] = {}
+    ranges = {p: (None, end) for p, end in ends.items()}
+    async for records in read_ranges(config.connection, layout.usage, ranges):
+        for record in records:
+            event = recompute.add(record.key, record.value)
+            if event is None:
+                continue
+            if since is not None and event.event_time < since:
+                recompute.forget(event)
+                continue
+            partition_of[(event.tenant_id, event.period_key)] = record.partition
+            quota_of[(event.tenant_id, event.period_key)] = event.quota_tokens
+    limits = Limits(config.default_limit, warning_ratio=config.warning_ratio)
+    now = datetime.now(timezone.utc)
+    producer = AIOKafkaProducer(**config.connection.client_kwargs(), acks="all")
+    await producer.start()
+    try:
+        futures = []
+        for key, figures in recompute.totals().items():
+            partition = partition_of[key]
+            limit, ratio = limits.rule(key[0], key[1], quota_of[key])
+            totals = Totals(partition=partition, used=figures.used, events=figures.events,
+                            applied_offset=ends[partition] - 1, limit=limit,
+                            state=classify(figures.used, limit, ratio), event_quota=quota_of[key])
+            value = encode_fields(TotalsState.record_fields(key, totals, now))
+            futures.append(await producer.send(layout.totals, value, key=tenant_period_key(*key), partition=partition))
+        for future in futures:
+            await future
+    finally:
+        await producer.stop()
+    await _commit(config, {p: end for p, end in ends.items()})
+    return len(recompute.totals())
+
+
+async def _commit(config: AggregatorConfig, offsets: dict[int, int]) -> None:
+    partitions = await topic_partitions(config.connection, config.topics.usage)
+    consumer = AIOKafkaConsumer(**config.connection.client_kwargs(), group_id=config.group_id, enable_auto_commit=False)
+    await start_consumer(consumer)
+    try:
+        tps = [TopicPartition(config.topics.usage, p) for p in partitions]
+        consumer.assign(tps)
+        await consumer.commit({tp: offsets.get(tp.partition, 0) for tp in tps})
+    finally:
+        await close_consumer(consumer)
