@@ -57,3 +57,29 @@ async def test_metrics_and_health(producer_config: ProducerConfig, aggregator_co
         status, body = await get(port, "/readyz")
         assert status == 200 and body.strip() == "lag 0"
         assert (await get(port, "/nope"))[0] == 404
+
+
+async def test_middleware_side_metrics_through_an_application_registry(producer_config: ProducerConfig) -> None:
+    from agent_framework import Agent
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from producer import KafkaQuotaStore, QuotaExceededError, TokenGuardMiddleware
+    from producer.metrics import register_metrics
+    from producer.scripted import ScriptedChatClient
+
+    registry = CollectorRegistry()
+    # No aggregator runs here: local_only keeps judging by this process's own spend.
+    async with KafkaQuotaStore(replace(producer_config, stale_policy="local_only")) as store:
+        guard = TokenGuardMiddleware(quota_store=store, quota_tokens=1, user_id_getter=lambda _: "acme")
+        register_metrics(store, guard, registry=registry)
+        agent = Agent(ScriptedChatClient())
+        await agent.run("Hello!", middleware=[guard])
+        with pytest.raises(QuotaExceededError):
+            await agent.run("Hello!", middleware=[guard])
+        await store.publisher.flush()
+        text = generate_latest(registry).decode()
+    assert series(text, "tokenguard_publisher_published_total") == 1
+    assert series(text, "tokenguard_publisher_delivered_total") == 1
+    assert series(text, "tokenguard_blocked_calls_total") == 1
+    assert series(text, "tokenguard_publisher_queue_depth") == 0
+    assert series(text, "tokenguard_stale_decisions_total") >= 1  # no aggregator runs in this test
