@@ -108,7 +108,17 @@ class TlsListener:
     keystore_pem: Path
 
 
-def _properties(port: int, controller_port: int, data_dir: Path, tls: TlsListener | None = None) -> str:
+@dataclass(frozen=True)
+class SaslPlainListener:
+    """An extra SASL_PLAINTEXT listener with the PLAIN mechanism and these users (name -> password)."""
+
+    port: int
+    users: tuple[tuple[str, str], ...]
+
+
+def _properties(
+    port: int, controller_port: int, data_dir: Path, tls: TlsListener | None = None, sasl: SaslPlainListener | None = None
+) -> str:
     listeners = f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}"
     advertised = f"PLAINTEXT://{HOST}:{port}"
     protocols = "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
@@ -116,6 +126,10 @@ def _properties(port: int, controller_port: int, data_dir: Path, tls: TlsListene
         listeners += f",SSL://{HOST}:{tls.port}"
         advertised += f",SSL://{HOST}:{tls.port}"
         protocols += ",SSL:SSL"
+    if sasl is not None:
+        listeners += f",SASL_PLAINTEXT://{HOST}:{sasl.port}"
+        advertised += f",SASL_PLAINTEXT://{HOST}:{sasl.port}"
+        protocols += ",SASL_PLAINTEXT:SASL_PLAINTEXT"
     settings = {
         "process.roles": "broker,controller",
         "node.id": "1",
@@ -138,6 +152,12 @@ def _properties(port: int, controller_port: int, data_dir: Path, tls: TlsListene
         "group.initial.rebalance.delay.ms": "0",
         "log.cleaner.backoff.ms": "1000",
     }
+    if sasl is not None:
+        users = " ".join(f'user_{name}="{password}"' for name, password in sasl.users)
+        settings["sasl.enabled.mechanisms"] = "PLAIN"
+        settings["listener.name.sasl_plaintext.plain.sasl.jaas.config"] = (
+            f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};"
+        )
     if tls is not None:
         settings["listener.name.ssl.ssl.keystore.type"] = "PEM"
         settings["listener.name.ssl.ssl.keystore.location"] = str(tls.keystore_pem)
@@ -229,6 +249,7 @@ def start(
     timeout: float = 90.0,
     fresh: bool = True,
     tls: TlsListener | None = None,
+    sasl: SaslPlainListener | None = None,
 ) -> Broker:
     """Start a broker on 127.0.0.1:port (a free port when None); return once it answers metadata.
 
@@ -253,7 +274,7 @@ def start(
     else:
         controller_port = _free_port()
         controller_port_file.write_text(str(controller_port))
-    props.write_text(_properties(port, controller_port, data_dir, tls))
+    props.write_text(_properties(port, controller_port, data_dir, tls, sasl))
     log4j.write_text(_LOG4J)
     java = _java(libs, log4j, heap)
     if not (data_dir / "meta.properties").exists():

@@ -77,3 +77,37 @@ async def test_publisher_feed_aggregator_and_admin_over_tls(tmp_path: Path) -> N
             await asyncio.wait_for(read_changelog(untrusted, layout.totals, [0]), 20)
     finally:
         await asyncio.to_thread(localkafka.stop, broker.port)
+
+
+@pytest.mark.timeout(180)
+async def test_pipeline_over_sasl_plain_and_a_wrong_password_is_refused(tmp_path: Path) -> None:
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        pytest.skip("adds a SASL listener to its own broker: needs the local launcher")
+    from pydantic import SecretStr
+
+    sasl_port = free_port()
+    broker = await asyncio.to_thread(
+        localkafka.start, None, sasl=localkafka.SaslPlainListener(sasl_port, (("tokenguard", "s3cret-test-only"),))
+    )
+    try:
+        def connection(password: str) -> KafkaConnection:
+            return KafkaConnection(bootstrap_servers=f"127.0.0.1:{sasl_port}", security_protocol="SASL_PLAINTEXT",
+                                   sasl_mechanism="PLAIN", sasl_username="tokenguard", sasl_password=SecretStr(password))
+
+        good = connection("s3cret-test-only")
+        layout = TopicLayout(prefix="sasl.", partitions=2)
+        aggregator_config = AggregatorConfig(connection=good, topics=layout, group_id="sasl-aggregator")
+        producer_config = ProducerConfig(connection=good, topics=layout, spool_dir=tmp_path / "spool")
+        async with AggregatorService(aggregator_config) as aggregator, KafkaQuotaStore(producer_config) as store:
+            await asyncio.wait_for(aggregator.assigned.wait(), 30)
+            store.record(CallUsage(
+                tenant_id="acme", period_key="p", model="m", input_tokens=1, output_tokens=2, total_tokens=3,
+                cache_creation_input_tokens=None, cache_read_input_tokens=None, reasoning_output_tokens=None,
+                quota_tokens=500, streaming=False, event_time=datetime.now(timezone.utc),
+            ))
+            await eventually(lambda: aggregator.stats.events == 1, 30, "event applied over SASL")
+        assert "s3cret" not in repr(good)
+        with pytest.raises(Exception):  # noqa: B017 - aiokafka's authentication failure
+            await asyncio.wait_for(read_changelog(connection("wrong"), layout.totals, [0]), 20)
+    finally:
+        await asyncio.to_thread(localkafka.stop, broker.port)
