@@ -118,3 +118,37 @@ async def test_replay_rebuilds_a_corrupted_changelog(producer_config: ProducerCo
         code, out = await tokenguard(aggregator_config, "verify", "--wait-s", "30")
         assert code == 0, out
         assert aggregator.stats.events == 1
+
+
+async def test_tokenguard_aggregator_runs_with_metrics_and_stops_on_sigterm(aggregator_config: AggregatorConfig) -> None:
+    import signal
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENGUARD_TOPIC_PREFIX": aggregator_config.topics.prefix}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "aggregator.cli", "aggregator", "--bootstrap-servers",
+        aggregator_config.connection.bootstrap_servers, "--group-id", aggregator_config.group_id,
+        "--metrics-port", str(port), cwd=REPO, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(60):
+            while True:  # ready once its partitions are restored and it has caught up
+                try:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                except OSError:
+                    await asyncio.sleep(0.2)
+                    continue
+                writer.write(b"GET /readyz HTTP/1.1\r\n\r\n")
+                response = await reader.read()
+                writer.close()
+                await writer.wait_closed()
+                if response.startswith(b"HTTP/1.1 200"):
+                    break
+                await asyncio.sleep(0.2)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, stderr.decode()[-2000:]
