@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
 from aggregator.config import AggregatorConfig
+from producer.store import CallUsage
 from producer.config import KafkaConnection
 from schemas.usage import UsageEvent
 
@@ -105,3 +106,12 @@ async def read_topic(connection: KafkaConnection, topic: str) -> list[ConsumerRe
     async for batch in read_ranges(connection, topic, {p: (None, None) for p in partitions}):
         records.extend(batch)
     return records
+
+
+def call_usage(tenant: str, tokens: int, *, period: str = "2026-04", quota: int = 500) -> CallUsage:
+    """What the middleware hands a store after one call, for tests that drive a store directly."""
+    return CallUsage(
+        tenant_id=tenant, period_key=period, model="m", input_tokens=None, output_tokens=None, total_tokens=tokens,
+        cache_creation_input_tokens=None, cache_read_input_tokens=None, reasoning_output_tokens=None,
+        quota_tokens=quota, streaming=False, event_time=datetime.now(timezone.utc),
+    )

@@ -7,7 +7,6 @@ import asyncio
 import os
 import random
 from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -29,17 +28,13 @@ from producer.errors import QuotaUnavailableError
 from producer.scripted import ScriptedChatClient
 from producer.store import CallUsage
 from schemas.topics import TopicLayout
-from tests.helpers import eventually
+from tests.helpers import call_usage, eventually
 
 pytestmark = pytest.mark.integration
 
 
 def spend(tenant: str, tokens: int, period: str = "2026-04") -> CallUsage:
-    return CallUsage(
-        tenant_id=tenant, period_key=period, model="m", input_tokens=None, output_tokens=None, total_tokens=tokens,
-        cache_creation_input_tokens=None, cache_read_input_tokens=None, reasoning_output_tokens=None,
-        quota_tokens=500, streaming=False, event_time=datetime.now(timezone.utc),
-    )
+    return call_usage(tenant, tokens, period=period)
 
 
 async def test_100_concurrent_calls_with_headroom_for_10_admit_at_most_10(

@@ -6,7 +6,6 @@ import asyncio
 import os
 import socket
 import subprocess
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,8 @@ import localkafka
 from aggregator import AggregatorConfig, AggregatorService
 from aggregator.changelog import read_changelog
 from producer import KafkaConnection, KafkaQuotaStore, ProducerConfig
-from producer.store import CallUsage
 from schemas.topics import TopicLayout
-from tests.helpers import eventually
+from tests.helpers import call_usage, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -62,11 +60,7 @@ async def test_publisher_feed_aggregator_and_admin_over_tls(tmp_path: Path) -> N
         producer_config = ProducerConfig(connection=connection, topics=layout, spool_dir=tmp_path / "spool")
         async with AggregatorService(aggregator_config) as aggregator, KafkaQuotaStore(producer_config) as store:
             await asyncio.wait_for(aggregator.assigned.wait(), 30)
-            store.record(CallUsage(
-                tenant_id="acme", period_key="p", model="m", input_tokens=1, output_tokens=2, total_tokens=700,
-                cache_creation_input_tokens=None, cache_read_input_tokens=None, reasoning_output_tokens=None,
-                quota_tokens=500, streaming=False, event_time=datetime.now(timezone.utc),
-            ))
+            store.record(call_usage("acme", 700, period="p"))
             await store.feed.wait_until(lambda s: (n := s.notice("acme", "p")) is not None and n.state == "exceeded", 30)
             await eventually(lambda: aggregator.stats.events == 1, 30, "event applied over TLS")
         totals = await read_changelog(connection, layout.totals)
@@ -100,11 +94,7 @@ async def test_pipeline_over_sasl_plain_and_a_wrong_password_is_refused(tmp_path
         producer_config = ProducerConfig(connection=good, topics=layout, spool_dir=tmp_path / "spool")
         async with AggregatorService(aggregator_config) as aggregator, KafkaQuotaStore(producer_config) as store:
             await asyncio.wait_for(aggregator.assigned.wait(), 30)
-            store.record(CallUsage(
-                tenant_id="acme", period_key="p", model="m", input_tokens=1, output_tokens=2, total_tokens=3,
-                cache_creation_input_tokens=None, cache_read_input_tokens=None, reasoning_output_tokens=None,
-                quota_tokens=500, streaming=False, event_time=datetime.now(timezone.utc),
-            ))
+            store.record(call_usage("acme", 3, period="p"))
             await eventually(lambda: aggregator.stats.events == 1, 30, "event applied over SASL")
         assert "s3cret" not in repr(good)
         with pytest.raises(Exception):  # noqa: B017 - aiokafka's authentication failure
