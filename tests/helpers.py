@@ -115,3 +115,41 @@ def call_usage(tenant: str, tokens: int, *, period: str = "2026-04", quota: int 
         cache_creation_input_tokens=None, cache_read_input_tokens=None, reasoning_output_tokens=None,
         quota_tokens=quota, streaming=False, event_time=datetime.now(timezone.utc),
     )
+
+
+class _RawHeaderName(str):
+    """A header name that encodes to bytes that are not UTF-8, as other clients may write."""
+
+    raw: bytes
+
+    def __new__(cls, raw: bytes) -> _RawHeaderName:
+        name = super().__new__(cls, "raw")
+        name.raw = raw
+        return name
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:  # type: ignore[override]
+        return self.raw
+
+
+async def send_with_raw_header_name(
+    connection: KafkaConnection, topic: str, key: bytes, value: bytes, raw_name: bytes = b"\xff\xfe\x80"
+) -> None:
+    """Produce one record whose header name is ``raw_name`` (not UTF-8): the broker accepts it,
+    aiokafka's reader cannot parse it. aiokafka's own builder refuses such a name, so this swaps in
+    its pure-Python builder, which encodes the name through ``str.encode``, for one send."""
+    from aiokafka.producer import message_accumulator
+    from aiokafka.producer import producer as producer_module
+    from aiokafka.record import default_records
+
+    modules = (message_accumulator, producer_module)
+    saved = [module.DefaultRecordBatchBuilder for module in modules]
+    for module in modules:
+        module.DefaultRecordBatchBuilder = default_records._DefaultRecordBatchBuilderPy
+    producer = AIOKafkaProducer(**connection.client_kwargs(), acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, value, key=key, headers=[(_RawHeaderName(raw_name), b"x")])
+    finally:
+        await producer.stop()
+        for module, builder in zip(modules, saved):
+            module.DefaultRecordBatchBuilder = builder

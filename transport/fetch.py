@@ -1,0 +1,115 @@
+"""``getmany`` that survives a record the Kafka client itself cannot parse.
+
+aiokafka parses a fetched batch lazily, record by record, inside ``getmany``. A record it cannot
+parse (a header whose name is not UTF-8: the broker accepts any bytes there; a corrupt batch)
+raises out of ``getmany``, and every later call fetches the same batch and raises again: one
+record written by any client stops the reader for good. Worse, the records of that batch parsed
+before the bad one are consumed but never returned, and the next call moves the position past
+them.
+
+``getmany_safe`` turns that into data: it puts every fetched partition back where the caller last
+saw it, finds the partition and offset the client cannot parse by reading one record at a time,
+reports it as ``Unreadable`` and moves past it. Every other record is returned exactly once, in
+order. The slow path runs only after a failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import CorruptRecordException, KafkaError
+from aiokafka.structs import ConsumerRecord
+
+log = logging.getLogger(__name__)
+
+Records = dict[TopicPartition, list[ConsumerRecord]]
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A record the client could not parse; skipped by offset, reported so it is never silent."""
+
+    topic: str
+    partition: int
+    offset: int
+    error: str
+
+
+def _is_parse_error(exc: BaseException) -> bool:
+    """Errors about the bytes of one record, as opposed to the connection, the group or the call."""
+    if isinstance(exc, CorruptRecordException):
+        return True
+    return isinstance(exc, (ValueError, IndexError, struct.error)) and not isinstance(exc, KafkaError)
+
+
+async def getmany_safe(
+    consumer: AIOKafkaConsumer,
+    *partitions: TopicPartition,
+    timeout_ms: int = 0,
+    max_records: int | None = None,
+) -> tuple[Records, list[Unreadable]]:
+    """``consumer.getmany(...)``, plus the records it had to skip because they cannot be parsed."""
+    try:
+        return await consumer.getmany(*partitions, timeout_ms=timeout_ms, max_records=max_records), []
+    except Exception as exc:
+        if not _is_parse_error(exc):
+            raise
+        log.warning("a fetched record cannot be parsed (%s: %s); isolating it", type(exc).__name__, exc)
+    return await _isolate(consumer, partitions)
+
+
+async def _rewind(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> None:
+    """Drop what was fetched and not returned: each partition goes back to the offset after the
+    last record handed to the caller (aiokafka's position is not advanced by a call that raised)."""
+    for tp in tps:
+        consumer.seek(tp, await consumer.position(tp))
+
+
+async def _isolate(consumer: AIOKafkaConsumer, partitions: tuple[TopicPartition, ...]) -> tuple[Records, list[Unreadable]]:
+    paused = consumer.paused()
+    tps = [tp for tp in (partitions or tuple(consumer.assignment())) if tp not in paused]
+    await _rewind(consumer, tps)
+    records: Records = {}
+    unreadable: list[Unreadable] = []
+    for tp in tps:
+        try:
+            batch = await consumer.getmany(tp, timeout_ms=1000)
+        except Exception as exc:
+            if not _is_parse_error(exc):
+                raise
+            await _rewind(consumer, [tp])
+        else:
+            if batch.get(tp):
+                records[tp] = batch[tp]
+            continue
+        # This partition holds the record: step one record at a time up to it. Each step returns
+        # its record or raises at it, so nothing before it is lost. The position where the client
+        # last fails is the record's offset (in a compacted topic the position may sit in a gap
+        # before it, so the failure repeats until the seek passes it).
+        got = records.setdefault(tp, [])
+        failing_at: int | None = None
+        while True:
+            position = await consumer.position(tp)
+            try:
+                step = await consumer.getmany(tp, timeout_ms=1000, max_records=1)
+            except Exception as exc:
+                if not _is_parse_error(exc):
+                    raise
+                failing_at, error = position, f"{type(exc).__name__}: {exc}"[:500]
+                consumer.seek(tp, position + 1)
+                continue
+            if failing_at is not None:
+                unreadable.append(Unreadable(tp.topic, tp.partition, failing_at, error))
+                log.error("skipped record %s:%d:%d: the Kafka client cannot parse it: %s", tp.topic, tp.partition, failing_at, error)
+                # The record after it was read by this step; later ones come by the normal path.
+                got.extend(step.get(tp, []))
+                break
+            if not step.get(tp):
+                break  # nothing more fetched: the failure was elsewhere, or is not reached yet
+            got.extend(step[tp])
+        if not got:
+            del records[tp]
+    return records, unreadable
