@@ -7,6 +7,10 @@ host adopts it and delivers its events first, oldest segment first, so nothing i
 
 Segments are deleted only after every event in them was acknowledged by the broker; a crash in
 between re-delivers the segment, and the aggregator drops the repeats by event id.
+
+Spooled events are a tenant's usage: only the user running the process may read them. Folders
+are 0700 and files 0600 whatever the umask, and a folder or file found with looser modes (an
+older version, a hand-made folder) is tightened when the spool opens.
 """
 
 from __future__ import annotations
@@ -14,12 +18,29 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import stat
 import uuid
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 SEGMENT_BYTES = 4 * 1024 * 1024
+FOLDER_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def private_mode(mode: int, *, folder: bool) -> int | None:
+    """The permission bits a spool path must get, or None when ``mode`` already has them.
+
+    Exact, not merely "no group/other bits": a folder the owner cannot write would stop the spool.
+    """
+    wanted = FOLDER_MODE if folder else FILE_MODE
+    return None if stat.S_IMODE(mode) == wanted else wanted
+
+
+def grants_others(mode: int) -> bool:
+    """Whether a mode let other local users in (worth a warning, not just a fix)."""
+    return bool(stat.S_IMODE(mode) & 0o077)
 
 
 class SpoolFull(Exception):  # noqa: N818 - a condition the publisher handles, not an error to report
@@ -45,17 +66,35 @@ class Spool:
         self.size_bytes = 0
         self.pending = 0
         self.dropped = 0
+        self._loosened: list[Path] = []  # paths found open to other users, reported once per open()
+
+    def _make_private(self, path: Path, *, folder: bool) -> None:
+        """Give ``path`` the spool's modes (chmod, so the umask has no say); note loose ones."""
+        mode = path.stat().st_mode
+        wanted = private_mode(mode, folder=folder)
+        if wanted is not None:
+            os.chmod(path, wanted)
+            if grants_others(mode):
+                self._loosened.append(path)
 
     def open(self) -> None:
         """Claim a folder of our own and adopt the segments of every unlocked folder."""
         if self._dir is not None:
             return
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._loosened = []
+        self.root.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
+        self._make_private(self.root, folder=True)
         adopted = self._adopt_orphans()
         self._dir = self.root / uuid.uuid4().hex
-        self._dir.mkdir()
-        self._lock_fd = os.open(self._dir / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+        self._dir.mkdir(mode=FOLDER_MODE)
+        self._make_private(self._dir, folder=True)
+        self._lock_fd = _open_private(self._dir / ".lock", os.O_CREAT | os.O_RDWR)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if self._loosened:
+            log.warning(
+                "spool %s: %d folders or files were readable by other users (e.g. %s); made private to this user",
+                self.root, len(self._loosened), self._loosened[0],
+            )
         self._segments = adopted
         for segment in adopted:
             self.size_bytes += segment.stat().st_size
@@ -66,14 +105,21 @@ class Spool:
     def _adopt_orphans(self) -> list[Path]:
         segments: list[Path] = []
         for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            fd = os.open(folder / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                fd = _open_private(folder / ".lock", os.O_CREAT | os.O_RDWR)
+            except PermissionError:
+                log.warning("spool folder %s belongs to another user; not adopted", folder)
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
                 continue  # a running process owns it
             # Keep the orphan's lock until its segments are delivered: no two adopters.
+            self._make_private(folder, folder=True)
             found = sorted(folder.glob("*.jsonl"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+            for segment in found:
+                self._make_private(segment, folder=False)
             if found:
                 segments.extend(found)
                 self._orphan_locks.append(fd)
@@ -115,7 +161,7 @@ class Spool:
             self._close_writer()
             self._sequence += 1
             self._writer = self._dir / f"{self._sequence:012d}.jsonl"
-            self._write_file = open(self._writer, "ab")  # noqa: SIM115 - kept open across appends
+            self._write_file = os.fdopen(_open_private(self._writer, os.O_CREAT | os.O_WRONLY | os.O_APPEND), "ab")
             self._segments.append(self._writer)
         self._write_file.write(b"".join(line + b"\n" for line in lines))
         self._write_file.flush()
@@ -168,6 +214,18 @@ class Spool:
         folder = segment.parent
         if folder != self._dir and not any(folder.glob("*.jsonl")):
             _remove_folder(folder)
+
+
+def _open_private(path: Path, flags: int) -> int:
+    """``os.open`` with mode 0600 whatever the umask; an existing file's mode is tightened too."""
+    fd = os.open(path, flags, FILE_MODE)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) != FILE_MODE:
+            os.fchmod(fd, FILE_MODE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _count_lines(path: Path) -> int:
