@@ -42,6 +42,8 @@ class TokenGuardCollector(Collector):
         yield CounterMetricFamily("tokenguard_blocked_calls", "calls refused before reaching the LLM", value=blocked)
         yield CounterMetricFamily("tokenguard_callback_errors", "exceptions raised by user callbacks",
                                   value=sum(m.stats.callback_errors for m in self._middlewares))
+        yield CounterMetricFamily("tokenguard_callback_timeouts", "async user callbacks cancelled at callback_timeout_s",
+                                  value=sum(m.stats.callback_timeouts for m in self._middlewares))
         yield CounterMetricFamily("tokenguard_estimated_usage", "usage events recorded from an estimate",
                                   value=sum(m.stats.estimated for m in self._middlewares))
 

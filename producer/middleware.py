@@ -30,6 +30,7 @@ class MiddlewareStats:
     blocked: int = 0
     estimated: int = 0
     callback_errors: int = 0
+    callback_timeouts: int = 0
     max_tokens_clamped: int = 0
 
 
@@ -54,6 +55,11 @@ class TokenGuardMiddleware(ChatMiddleware):
         default_max_tokens: Output tokens a call is assumed to reserve when it sets no ``max_tokens``.
         clamp_max_tokens: Lower a call's ``max_tokens`` to the tenant's remaining headroom.
         min_headroom_tokens: With ``clamp_max_tokens``, refuse calls whose headroom is smaller.
+        callback_timeout_s: How long the call waits for async callbacks (``on_usage``,
+            ``on_quota_exceeded``, ``on_quota_warning``) to finish; past it they are cancelled,
+            logged and counted (``stats.callback_timeouts``), and the call goes on with its usage
+            recorded. A hanging webhook must not hold an agent call. None waits for ever (the
+            seed's behaviour). A sync callback runs on the event loop and cannot be bounded.
     """
 
     def __init__(
@@ -72,6 +78,7 @@ class TokenGuardMiddleware(ChatMiddleware):
         default_max_tokens: int = 1024,
         clamp_max_tokens: bool = False,
         min_headroom_tokens: int = 16,
+        callback_timeout_s: float | None = 5.0,
     ) -> None:
         if isinstance(quota_tokens, bool) or int(quota_tokens) < 0:
             raise ValueError(f"quota_tokens must be a non-negative integer, got {quota_tokens!r}")
@@ -79,6 +86,8 @@ class TokenGuardMiddleware(ChatMiddleware):
             raise ValueError(f"warning_ratio must be in (0, 1], got {warning_ratio!r}")
         if max_in_flight_per_tenant < 1 or default_max_tokens < 0 or min_headroom_tokens < 0:
             raise ValueError("max_in_flight_per_tenant must be >= 1; default_max_tokens, min_headroom_tokens >= 0")
+        if callback_timeout_s is not None and not callback_timeout_s > 0:
+            raise ValueError(f"callback_timeout_s must be positive or None, got {callback_timeout_s!r}")
         self.on_usage = on_usage
         self.on_quota_exceeded = on_quota_exceeded
         self.on_quota_warning = on_quota_warning
@@ -92,7 +101,11 @@ class TokenGuardMiddleware(ChatMiddleware):
         self.default_max_tokens = default_max_tokens
         self.clamp_max_tokens = clamp_max_tokens
         self.min_headroom_tokens = min_headroom_tokens
+        self.callback_timeout_s = callback_timeout_s
         self.stats = MiddlewareStats()
+        # Timed-out callbacks, cancelled but maybe not finished yet (one that ignores cancellation):
+        # referenced until done, so the loop does not collect them mid-flight.
+        self._abandoned: set[asyncio.Future[Any]] = set()
         self._backend = as_backend(quota_store)
         self._in_flight = InFlight()
         self._warned: set[tuple[str, str]] = set()
@@ -233,11 +246,38 @@ class TokenGuardMiddleware(ChatMiddleware):
             pending.append(result)
 
     async def _await_all(self, pending: list[Awaitable[Any]]) -> None:
-        for awaitable in pending:
-            try:
-                await awaitable
-            except Exception:
-                self._callback_failed(awaitable)
+        """Await the async callbacks of one call together, for at most ``callback_timeout_s``.
+
+        Never awaits a cancelled callback's end: one that ignores its cancellation would hold the
+        call for ever. It is kept referenced until it finishes, and its outcome is retrieved.
+        """
+        futures = [asyncio.ensure_future(awaitable) for awaitable in pending]
+        try:
+            _, late = await asyncio.wait(futures, timeout=self.callback_timeout_s)
+        except asyncio.CancelledError:
+            for future in futures:
+                future.cancel()  # the call was cancelled: so are its callbacks, as when awaited directly
+            raise
+        for future in futures:
+            if future in late:
+                self._callback_timed_out(future)
+            elif not future.cancelled() and future.exception() is not None:
+                self._callback_failed(future, future.exception())
+
+    def _callback_timed_out(self, future: asyncio.Future[Any]) -> None:
+        self.stats.callback_timeouts += 1
+        future.cancel()
+        self._abandoned.add(future)
+        future.add_done_callback(self._forget)
+        log.warning(
+            "TokenGuard callback %s did not finish within %.3gs and was cancelled; the call is unaffected",
+            _callback_name(future), self.callback_timeout_s,
+        )
+
+    def _forget(self, future: asyncio.Future[Any]) -> None:
+        self._abandoned.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            log.debug("TokenGuard callback %s failed after its timeout", _callback_name(future))
 
     async def _call_back(self, callback: UsageCallback, payload: dict[str, Any]) -> None:
         pending: list[Awaitable[Any]] = []
@@ -245,7 +285,19 @@ class TokenGuardMiddleware(ChatMiddleware):
         if pending:
             await self._await_all(pending)
 
-    def _callback_failed(self, callback: object) -> None:
+    def _callback_failed(self, callback: object, error: BaseException | None = None) -> None:
         """A user callback's exception never turns a call into a failure: logged and counted."""
         self.stats.callback_errors += 1
-        log.exception("TokenGuard callback %s raised; the call is unaffected", getattr(callback, "__name__", callback))
+        log.error(
+            "TokenGuard callback %s raised; the call is unaffected", _callback_name(callback),
+            exc_info=error if error is not None else True,
+        )
+
+
+def _callback_name(callback: object) -> str:
+    """A callback's name for the log: never its arguments (they hold tenants' usage)."""
+    if isinstance(callback, asyncio.Future):
+        coro = callback.get_coro() if isinstance(callback, asyncio.Task) else None
+        callback = coro if coro is not None else callback
+    name = getattr(callback, "__qualname__", None) or getattr(callback, "__name__", None)
+    return str(name) if name else type(callback).__name__

@@ -9,6 +9,7 @@ from agent_framework import Agent
 
 from producer import InMemoryQuotaStore, QuotaExceededError, TokenGuardMiddleware
 from producer.scripted import ScriptedChatClient
+from tests.helpers import eventually
 
 
 async def cost_of_one_call() -> int:
@@ -135,3 +136,79 @@ async def test_a_response_without_usage_records_a_flagged_estimate() -> None:
     await Agent(Silent(reply_words=40)).run("Hello!", middleware=[guard])
     assert guard.stats.estimated == 1
     assert store.get_usage("anonymous", guard.period_key_fn()) > 0
+
+
+async def test_a_hanging_async_callback_is_cut_off_and_the_call_still_records_its_usage(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    hung = asyncio.Event()
+
+    async def hanging_webhook(record: dict) -> None:
+        hung.set()
+        await asyncio.Event().wait()  # a webhook that never answers
+
+    store = InMemoryQuotaStore()
+    guard = TokenGuardMiddleware(on_usage=hanging_webhook, quota_store=store, quota_tokens=10**6, callback_timeout_s=0.2)
+    loop = asyncio.get_running_loop()
+    for stream in (False, True):
+        started = loop.time()
+        if stream:
+            response = Agent(ScriptedChatClient()).run("Hello!", stream=True, middleware=[guard])
+            async for _ in response:
+                pass
+            text = (await response.get_final_response()).text
+        else:
+            text = (await Agent(ScriptedChatClient()).run("Hello!", middleware=[guard])).text
+        elapsed = loop.time() - started
+        assert text and hung.is_set()
+        assert elapsed < 0.2 + 0.8, f"the call took {elapsed:.2f}s with a 0.2s callback timeout"
+    assert guard.stats.callback_timeouts == 2 and guard.stats.callback_errors == 0
+    assert store.get_usage("anonymous", guard.period_key_fn()) > 0, "the usage is recorded all the same"
+    messages = [r.getMessage() for r in caplog.records if "did not finish" in r.getMessage()]
+    assert len(messages) == 2 and "hanging_webhook" in messages[0]
+    assert "anonymous" not in " ".join(messages), "the log names the callback, never the usage it was given"
+    await eventually(lambda: not guard._abandoned, 5, "cancelled callbacks finish")
+
+
+async def test_a_callback_that_ignores_cancellation_still_cannot_hold_a_refused_call() -> None:
+    release = asyncio.Event()
+
+    async def stubborn_alert(payload: dict) -> None:
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                continue  # swallows every cancellation until released
+
+    guard = TokenGuardMiddleware(
+        quota_store=InMemoryQuotaStore(), quota_tokens=0, on_quota_exceeded=stubborn_alert, callback_timeout_s=0.2
+    )
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(QuotaExceededError):
+        await Agent(ScriptedChatClient()).run("Hello!", middleware=[guard])
+    assert loop.time() - started < 1.0
+    assert guard.stats.callback_timeouts == 1 and guard.stats.blocked == 1
+    assert len(guard._abandoned) == 1, "kept referenced while it runs on"
+    release.set()
+    await eventually(lambda: not guard._abandoned, 5, "the stubborn callback ends once released")
+
+
+async def test_callbacks_within_the_timeout_are_awaited_to_their_end() -> None:
+    done: list[str] = []
+
+    async def slow_but_fine(record: dict) -> None:
+        await asyncio.sleep(0.05)
+        done.append(record["user_id"])
+
+    guard = TokenGuardMiddleware(quota_store=InMemoryQuotaStore(), quota_tokens=10**6, on_usage=slow_but_fine)
+    await Agent(ScriptedChatClient()).run("Hello!", middleware=[guard])
+    assert done == ["anonymous"], "awaited before the call returned, as in the seed"
+    assert guard.stats.callback_timeouts == 0
+
+
+def test_callback_timeout_must_be_positive_or_none() -> None:
+    for bad in (0, -1.0):
+        with pytest.raises(ValueError, match="callback_timeout_s"):
+            TokenGuardMiddleware(quota_store=InMemoryQuotaStore(), quota_tokens=1, callback_timeout_s=bad)
+    assert TokenGuardMiddleware(quota_store=InMemoryQuotaStore(), quota_tokens=1, callback_timeout_s=None).callback_timeout_s is None
