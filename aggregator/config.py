@@ -25,6 +25,9 @@ class AggregatorConfig:
     default_limit: int | None = None
     warning_ratio: float = 0.8
     heartbeat_interval_s: float = 1.0
+    # Every not-'ok' notice is published again this often, so a forged or lost one stands at most
+    # this long (contradicting notices are corrected at once; this is the bound if that fails).
+    reassert_interval_s: float = 30.0
     # A batch closes at ``batch_max`` records or ``batch_window_ms`` after its first record,
     # whichever comes first; a notice waits at most that long before it is published.
     batch_max: int = 20_000
@@ -46,8 +49,8 @@ class AggregatorConfig:
             raise ValueError(f"warning_ratio must be in (0, 1], got {self.warning_ratio}")
         if self.default_limit is not None and self.default_limit < 0:
             raise ValueError(f"default_limit must be >= 0, got {self.default_limit}")
-        if self.heartbeat_interval_s <= 0:
-            raise ValueError("heartbeat_interval_s must be positive")
+        if self.heartbeat_interval_s <= 0 or self.reassert_interval_s <= 0:
+            raise ValueError("heartbeat_interval_s and reassert_interval_s must be positive")
         if self.batch_max < 1 or self.batch_window_ms < 1 or self.dedup_window < 1:
             raise ValueError("batch_max, batch_window_ms and dedup_window must be positive")
 
@@ -56,7 +59,7 @@ class AggregatorConfig:
         """``KAFKA_*`` for the connection; ``TOKENGUARD_TOPIC_PREFIX``, ``TOKENGUARD_PARTITIONS``,
         ``TOKENGUARD_GROUP_ID``, ``TOKENGUARD_DEFAULT_LIMIT``, ``TOKENGUARD_WARNING_RATIO``,
         ``TOKENGUARD_IDEMPOTENCE``, ``TOKENGUARD_AGGREGATOR_INSTANCE_ID``, ``TOKENGUARD_DEDUP_WINDOW``,
-        ``TOKENGUARD_SESSION_TIMEOUT_MS``. Keyword overrides (from flags) win over the environment."""
+        ``TOKENGUARD_SESSION_TIMEOUT_MS``, ``TOKENGUARD_REASSERT_INTERVAL_S``. Keyword overrides (from flags) win over the environment."""
         env = os.environ if env is None else env
         default_limit = env.get("TOKENGUARD_DEFAULT_LIMIT")
         values: dict[str, object] = {
@@ -69,6 +72,7 @@ class AggregatorConfig:
             "group_instance_id": env.get("TOKENGUARD_AGGREGATOR_INSTANCE_ID") or None,
             "dedup_window": int(env.get("TOKENGUARD_DEDUP_WINDOW", cls.dedup_window)),
             "session_timeout_ms": int(env.get("TOKENGUARD_SESSION_TIMEOUT_MS", cls.session_timeout_ms)),
+            "reassert_interval_s": float(env.get("TOKENGUARD_REASSERT_INTERVAL_S", cls.reassert_interval_s)),
             "metrics_port": int(env["TOKENGUARD_METRICS_PORT"]) if env.get("TOKENGUARD_METRICS_PORT") else None,
             "metrics_host": env.get("TOKENGUARD_METRICS_HOST", cls.metrics_host),
         }

@@ -18,7 +18,8 @@ from aggregator.changelog import read_ranges
 from aggregator.config import AggregatorConfig
 from aggregator.errors import AggregatorError
 from aggregator.state import Limits, Totals, TotalsState, classify
-from aggregator.verify import Recompute, end_offsets
+from aggregator.changelog import end_offsets
+from aggregator.verify import Recompute
 from producer.kafka_admin import close_consumer, start_consumer, topic_partitions
 from schemas.wire import encode_fields, tenant_period_key
 
@@ -39,13 +40,13 @@ async def replay(config: AggregatorConfig, *, since: datetime | None = None) -> 
         raise AggregatorError(f"aggregator group {config.group_id!r} has running members; stop them first")
     layout = config.topics
     ends = await end_offsets(config.connection, layout.usage)
-    recompute = Recompute()
+    recompute = Recompute(len(ends))
     partition_of: dict[tuple[str, str], int] = {}
     quota_of: dict[tuple[str, str], int] = {}
     ranges = {p: (None, end) for p, end in ends.items()}
-    async for records in read_ranges(config.connection, layout.usage, ranges):
+    async for records in read_ranges(config.connection, layout.usage, ranges, on_unreadable=recompute.unreadable):
         for record in records:
-            event = recompute.add(record.key, record.value)
+            event = recompute.add(record)
             if event is None:
                 continue
             if since is not None and event.event_time < since:

@@ -1,15 +1,16 @@
 """The aggregator service: consume usage in a group, keep exact totals, publish notices.
 
-Per batch the order is fixed, and it is what keeps totals exact across crashes:
+This module holds the lifecycle, the consume loop, the rebalance hooks and the heartbeats. The
+parts with rules of their own live beside it: ``recovery`` (state of newly assigned partitions),
+``checkpoint`` (the numbered commit order), ``intake`` (what a record must be to count),
+``deadletter``, ``notices`` (policing the notices topic) and ``state`` (the pure totals).
 
-1. apply the batch to the in-memory totals (skipping records a key has already applied, and
-   duplicates of events already seen);
-2. produce the changed totals to the changelog, the notices, and any dead letters;
-3. wait until the broker has acknowledged all of them;
-4. only then commit the consumer offsets.
-
-A crash anywhere leaves the committed offsets at or behind the changelog, never ahead of it, so
-on restart every record is either re-applied (its effect was lost) or skipped (the changelog has it).
+How a batch meets a rebalance: records are applied only for partitions in ``_owned`` (assigned
+and restored), and only in offset order from the position recovery sought to. A partition that is
+revoked leaves ``_owned`` at once (its records still in the batch are dropped, and its uncommitted
+offsets are forgotten); when it is assigned again, recovery restores it and seeks the consumer to
+the group's committed offset before any of its records is applied. Nothing fetched before that
+seek is ever applied, and nothing is committed that was not applied.
 """
 
 from __future__ import annotations
@@ -23,29 +24,34 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import ConsumerRecord
 
-from aggregator.changelog import read_changelog, recent_event_ids
+from aggregator import recovery
+from aggregator.checkpoint import Checkpoint
 from aggregator.config import AggregatorConfig
+from aggregator.deadletter import dead_letter
+from aggregator.intake import accept, expected_partition
 from aggregator.limits import LimitsFeed
+from aggregator.notices import NoticesWatch
 from aggregator.state import Limits, Outcome, TotalsState
 from producer.kafka_admin import (
     TopicMismatchError,
     close_consumer,
-    committed_offsets,
     ensure_topics,
     start_consumer,
     topic_partitions,
 )
 from schemas.errors import DecodeError
-from schemas.notices import Heartbeat, QuotaNotice
-from schemas.wire import decode_usage_record, encode, encode_fields, heartbeat_key, tenant_period_key
+from schemas.notices import Heartbeat
+from schemas.wire import encode, heartbeat_key
+from transport.fetch import Unreadable, getmany_safe
 
 if TYPE_CHECKING:
     from aggregator.metrics import MetricsServer
 
 log = logging.getLogger(__name__)
+
+Poll = tuple[dict[TopicPartition, list[ConsumerRecord]], list[Unreadable]]
 
 
 @dataclass
@@ -60,6 +66,11 @@ class AggregatorStats:
     commit_failures: int = 0
     restored_keys: int = 0
     last_restore_s: float = 0.0
+    id_conflicts: int = 0
+    unreadable_records: int = 0
+    changelog_rejected: int = 0
+    reasserted: int = 0
+    corrections: int = 0
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -84,16 +95,19 @@ class AggregatorService:
         self.stats = AggregatorStats()
         self.assigned = asyncio.Event()
         self._limits_feed = LimitsFeed(config, self.limits, on_change=self._limit_changed)
+        self._watch = NoticesWatch(config, on_seen=self._notices_seen)
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
+        self._checkpoint: Checkpoint | None = None
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._partitions = 0
         self._owned: set[int] = set()
         self._to_restore: set[TopicPartition] = set()
-        self._offsets: dict[TopicPartition, int] = {}
-        self._unacked: list[asyncio.Future[object]] = []
+        self._next: dict[TopicPartition, int] = {}
         self._stopping = False
         self._next_heartbeat = 0.0
+        self._next_reassert = 0.0
         self.metrics: MetricsServer | None = None
 
     @property
@@ -132,6 +146,7 @@ class AggregatorService:
             }
         if partitions[config.topics.usage] != partitions[config.topics.totals]:
             raise TopicMismatchError("the totals changelog must have as many partitions as the usage topic")
+        self._partitions = partitions[config.topics.usage]
         client = config.connection.client_kwargs()
         producer = AIOKafkaProducer(
             **client,
@@ -156,14 +171,18 @@ class AggregatorService:
         try:
             # Limits first: the first usage batch is judged against them.
             await self._limits_feed.start()
+            await self._watch.start()
             consumer.subscribe([config.topics.usage], listener=_Rebalance(self, consumer))
             await start_consumer(consumer)
         except BaseException:
+            await self._watch.stop()
             await self._limits_feed.stop()
             await producer.stop()
             raise
         self._producer, self._consumer = producer, consumer
+        self._checkpoint = Checkpoint(producer, consumer, config.topics, config.aggregator_id)
         self._stopping = False
+        self._next_reassert = time.monotonic() + config.reassert_interval_s
         self._task = asyncio.create_task(self._run(), name="tokenguard-aggregator")
         if config.metrics_port is not None:
             from aggregator.metrics import MetricsServer
@@ -182,9 +201,11 @@ class AggregatorService:
         if not task.done():
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self._watch.stop()
         await self._limits_feed.stop()
         consumer, self._consumer = self._consumer, None
         producer, self._producer = self._producer, None
+        self._checkpoint = None
         if consumer is not None:
             await close_consumer(consumer)
         if producer is not None:
@@ -211,22 +232,22 @@ class AggregatorService:
                     await self._restore()
             # Poll without the lock: during a rebalance getmany() waits for the new assignment, and
             # the rebalance waits for on_partitions_revoked, which needs the lock.
-            batches = await self._poll_batch(consumer)
+            polls = await self._poll_batch(consumer)
             async with self._lock:
-                # 1. Apply (records of partitions revoked meanwhile are skipped: their new owner
-                # reads them again from the committed offset).
-                for batch in batches:
-                    await self._apply_all(batch)
+                # 1. Apply, poll by poll, in order (see the module docstring for rebalances).
+                for records, unreadable in polls:
+                    await self._apply_poll(records, unreadable)
                 await self._flush()
                 await self._heartbeat_if_due()
+                self._reassert_if_due()
 
-    async def _poll_batch(self, consumer: AIOKafkaConsumer) -> list[dict[TopicPartition, list[ConsumerRecord]]]:
+    async def _poll_batch(self, consumer: AIOKafkaConsumer) -> list[Poll]:
         """One batch: polls until ``batch_max`` records or ``batch_window_ms`` after the first one.
 
         Each poll is bounded: aiokafka's getmany() ignores its timeout while the group has no
         assignment, which would otherwise keep stop() waiting through a stuck rebalance."""
         window_s = self.config.batch_window_ms / 1000
-        polls = []
+        polls: list[Poll] = []
         count = 0
         closes_at = None
         while count < self.config.batch_max and not self._stopping:
@@ -234,42 +255,54 @@ class AggregatorService:
             if remaining <= 0:
                 break
             try:
-                more = await asyncio.wait_for(
-                    consumer.getmany(timeout_ms=max(1, int(remaining * 1000)), max_records=self.config.batch_max - count),
+                more, unreadable = await asyncio.wait_for(
+                    getmany_safe(
+                        consumer, timeout_ms=max(1, int(remaining * 1000)), max_records=self.config.batch_max - count
+                    ),
                     remaining + 1.0,
                 )
             except asyncio.TimeoutError:
                 break
-            if not more:
+            if not more and not unreadable:
                 break
-            polls.append(more)
-            count += sum(len(records) for records in more.values())
+            polls.append((more, unreadable))
+            count += sum(len(records) for records in more.values()) + len(unreadable)
             if closes_at is None:
                 closes_at = time.monotonic() + window_s
         return polls
 
-    async def _apply_all(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> int:
-        count = 0
-        consumer = self._consumer
-        assert consumer is not None
-        for tp, records in batches.items():
-            if not records:
+    async def _apply_poll(self, batches: dict[TopicPartition, list[ConsumerRecord]], unreadable: list[Unreadable]) -> None:
+        """Apply one poll's records of owned partitions; drop the rest (see the module docstring)."""
+        checkpoint = self._checkpoint
+        assert checkpoint is not None
+        for skipped in unreadable:
+            tp = TopicPartition(skipped.topic, skipped.partition)
+            if skipped.partition not in self._owned or skipped.offset < self._next.get(tp, 0):
                 continue
-            if tp.partition in self._owned:
-                await self._apply(tp, records)
-                count += len(records)
-            elif tp in consumer.assignment():
-                # Fetched before its state was restored: read these again once it is.
-                consumer.seek(tp, records[0].offset)
-        return count
+            self.stats.unreadable_records += 1
+            await self._dead_letter_unreadable(skipped)
+            self.state.mark_position(skipped.partition, skipped.offset)
+            self._next[tp] = skipped.offset + 1
+            checkpoint.advance(tp, skipped.offset + 1)
+        for tp, records in batches.items():
+            if not records or tp.partition not in self._owned:
+                continue
+            expected = self._next.get(tp, 0)
+            if records[0].offset < expected:
+                records = [record for record in records if record.offset >= expected]
+                if not records:
+                    continue
+            await self._apply(tp, records)
+            self._next[tp] = records[-1].offset + 1
+            checkpoint.advance(tp, records[-1].offset + 1)
 
     async def _apply(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
-        state, stats = self.state, self.stats
+        state, stats, partitions = self.state, self.stats, self._partitions
         for record in records:
             try:
-                event = decode_usage_record(record.key, record.value)
+                event = accept(record, partitions)
             except DecodeError as exc:
-                await self._dead_letter(record, exc)
+                await self._dead_letter(record, exc.reason, exc.detail)
                 state.mark_position(tp.partition, record.offset)
                 continue
             outcome = state.apply(tp.partition, record.offset, event)
@@ -277,91 +310,45 @@ class AggregatorService:
                 stats.events += 1
             elif outcome is Outcome.REPLAY:
                 stats.replays_skipped += 1
-            else:
+            elif outcome is Outcome.DUPLICATE:
                 stats.duplicates_dropped += 1
-        self._offsets[tp] = records[-1].offset + 1
+            else:
+                stats.id_conflicts += 1
+                await self._dead_letter(
+                    record, "id_conflict", f"event {event.event_id!r} of this tenant was seen with other content"
+                )
 
-    async def _dead_letter(self, record: ConsumerRecord, exc: DecodeError) -> None:
+    async def _dead_letter(self, record: ConsumerRecord, reason: str, detail: str) -> None:
         """Keep the original key, bytes and headers; say why in headers. Never stops the aggregator."""
-        producer = self._producer
-        assert producer is not None
-        headers = [
-            *[(name, value) for name, value in record.headers if not name.startswith("tokenguard.")],
-            ("tokenguard.error.reason", exc.reason.encode()),
-            ("tokenguard.error.detail", exc.detail[:1000].encode(errors="replace")),
-            ("tokenguard.source.topic", record.topic.encode()),
-            ("tokenguard.source.partition", str(record.partition).encode()),
-            ("tokenguard.source.offset", str(record.offset).encode()),
-            ("tokenguard.aggregator", self.config.aggregator_id.encode()),
-        ]
-        future = await producer.send(
-            self.config.topics.dead_letters, value=record.value, key=record.key, headers=headers
+        assert self._checkpoint is not None
+        letter = dead_letter(
+            key=record.key, value=record.value, headers=record.headers, reason=reason, detail=detail,
+            topic=record.topic, partition=record.partition, offset=record.offset,
+            aggregator_id=self.config.aggregator_id,
         )
-        self._unacked.append(future)
+        await self._checkpoint.dead_letter(letter)
         self.stats.dead_letters += 1
-        log.warning("dead-lettered usage record %s:%d: %s", record.topic, record.offset, exc.reason)
+        log.warning("dead-lettered usage record %s:%d:%d: %s", record.topic, record.partition, record.offset, reason)
+
+    async def _dead_letter_unreadable(self, skipped: Unreadable) -> None:
+        """A record the Kafka client cannot parse: its bytes are not to be had through this client,
+        so the dead letter names where it is, for an operator to read with another tool."""
+        assert self._checkpoint is not None
+        letter = dead_letter(
+            key=None, value=None, headers=[], reason="unreadable_record", detail=skipped.error,
+            topic=skipped.topic, partition=skipped.partition, offset=skipped.offset,
+            aggregator_id=self.config.aggregator_id,
+        )
+        await self._checkpoint.dead_letter(letter)
+        self.stats.dead_letters += 1
 
     async def _flush(self) -> None:
-        producer, consumer = self._producer, self._consumer
-        assert producer is not None and consumer is not None
-        dirty, notify = self.state.take_changes()
-        if not dirty and not self._offsets and not self._unacked:
-            return
-        now = datetime.now(timezone.utc)
-        topics = self.config.topics
-        futures = self._unacked
-        self._unacked = []
-        # 2. The changelog record goes to the usage record's own partition number (co-partitioned),
-        # one aiokafka batch per partition rather than one send() per key.
-        by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
-        for key, totals in dirty:
-            value = encode_fields(self.state.record_fields(key, totals, now))
-            by_partition.setdefault(totals.partition, []).append((tenant_period_key(*key), value))
-        for partition, records in by_partition.items():
-            futures.extend(await self._send_records(producer, topics.totals, partition, records))
-        for key, totals, reason in notify:
-            notice = QuotaNotice.model_construct(
-                type="notice",
-                tenant_id=key[0],
-                period_key=key[1],
-                state=totals.state,
-                used_tokens=totals.used,
-                limit_tokens=totals.limit,
-                usage_partition=totals.partition,
-                usage_offset=totals.applied_offset,
-                reason=reason,
-                aggregator_id=self.config.aggregator_id,
-                emitted_at=now,
-            )
-            futures.append(await producer.send(topics.notices, encode(notice), key=tenant_period_key(*key)))
-        # 3. A failed send raises here, before the commit: the process dies and restores, crash-only.
-        await asyncio.gather(*futures)
-        self.stats.notices += len(notify)
+        checkpoint = self._checkpoint
+        assert checkpoint is not None
+        await checkpoint.commit(self.state, datetime.now(timezone.utc))
         self.stats.flushes += 1
-        # 4. Commit last. If the group rebalanced meanwhile the commit fails; that is safe, since the
-        # changelog already holds these records' effect and the next owner skips them.
-        if self._offsets:
-            offsets, self._offsets = self._offsets, {}
-            try:
-                await consumer.commit(offsets)
-            except (CommitFailedError, IllegalStateError) as exc:
-                self.stats.commit_failures += 1
-                log.warning("offset commit skipped after a rebalance: %s", exc)
-
-    @staticmethod
-    async def _send_records(
-        producer: AIOKafkaProducer, topic: str, partition: int, records: list[tuple[bytes, bytes]]
-    ) -> list[asyncio.Future[object]]:
-        futures = []
-        batch = producer.create_batch()
-        for key, value in records:
-            if batch.append(key=key, value=value, timestamp=None) is None:
-                futures.append(await producer.send_batch(batch, topic, partition=partition))
-                batch = producer.create_batch()
-                batch.append(key=key, value=value, timestamp=None)
-        if batch.record_count():
-            futures.append(await producer.send_batch(batch, topic, partition=partition))
-        return futures
+        self.stats.notices = checkpoint.notices
+        self.stats.commit_failures = checkpoint.commit_failures
 
     async def _heartbeat_if_due(self) -> None:
         now = time.monotonic()
@@ -386,23 +373,52 @@ class AggregatorService:
         await asyncio.gather(*futures)
         self.stats.heartbeats += len(futures)
 
+    def _reassert_if_due(self) -> None:
+        """Queue the not-'ok' keys' notices again, and re-check what the notices topic says; the
+        next flush publishes them. Bounds how long a forged or lost notice can stand."""
+        now = time.monotonic()
+        if now < self._next_reassert:
+            return
+        self._next_reassert = now + self.config.reassert_interval_s
+        self.stats.reasserted += self.state.reassert()
+        self._correct(list(self._watch.said))
+
+    def _correct(self, keys: list[tuple[str, str]]) -> None:
+        said = self._watch.said
+        for key in keys:
+            home = expected_partition(key[0].encode(), self._partitions) if self._partitions else -1
+            if home in self._owned and self.state.correct(key, said.get(key)):
+                self.stats.corrections += 1
+
+    async def _notices_seen(self, keys: list[tuple[str, str]]) -> None:
+        """The notices topic changed for ``keys``: put right at once what contradicts our state."""
+        async with self._lock:
+            before = self.stats.corrections
+            self._correct(keys)
+            if self.stats.corrections != before and self._checkpoint is not None:
+                log.warning("corrected %d notices that contradicted this aggregator's state", self.stats.corrections - before)
+                await self._flush()
+
     async def _limit_changed(self, tenant_id: str | None) -> None:
         """A limit was set or removed: re-judge the affected keys and publish at once."""
         async with self._lock:
             self.state.reevaluate(tenant_id)
-            if self._producer is not None and self._consumer is not None:
+            if self._checkpoint is not None:
                 await self._flush()
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         async with self._lock:
-            if self._producer is not None and self._consumer is not None:
+            if self._checkpoint is not None:
                 await self._flush()
-            partitions = {tp.partition for tp in revoked if tp.topic == self.config.topics.usage}
-            self._to_restore -= set(revoked)
+            tps = {tp for tp in revoked if tp.topic == self.config.topics.usage}
+            partitions = {tp.partition for tp in tps}
+            self._to_restore -= tps
             self._owned -= partitions
             self.state.drop_partitions(partitions)
-            for tp in revoked:
-                self._offsets.pop(tp, None)
+            for tp in tps:
+                self._next.pop(tp, None)
+            if self._checkpoint is not None:
+                self._checkpoint.forget(tps)
             if partitions:
                 log.info("partitions revoked: %s", sorted(partitions))
 
@@ -420,37 +436,30 @@ class AggregatorService:
         self._to_restore |= tps
 
     async def _restore(self) -> None:
-        """Bring back the state of partitions assigned since the last batch, then resume them:
-        totals from the changelog, the dedup window from the usage records before the committed offset."""
+        """Bring back the state of partitions assigned since the last batch, then resume them."""
         tps, self._to_restore = self._to_restore, set()
-        assigned = self._consumer.assignment() if self._consumer is not None else set()
-        tps = {tp for tp in tps if tp in assigned}  # revoked again meanwhile: nothing to do
+        consumer = self._consumer
+        assert consumer is not None
+        tps = {tp for tp in tps if tp in consumer.assignment()}  # revoked again meanwhile: nothing to do
         if not tps:
             return
         partitions = {tp.partition for tp in tps}
-        started = time.monotonic()
-        restored = await read_changelog(self.config.connection, self.config.topics.totals, partitions)
-        for record in restored.values():
-            if record.usage_partition in partitions:
-                self.state.restore(record)
-        everything = await committed_offsets(self.config.connection, self.config.group_id, self.config.topics.usage)
-        committed = {p: offset for p, offset in everything.items() if p in partitions and offset > 0}
-        for partition, offset in committed.items():
-            self.state.mark_position(partition, offset - 1)
-        seen = await recent_event_ids(self.config.connection, self.config.topics.usage, committed, self.config.dedup_window)
-        for partition, event_ids in seen.items():
-            self.state.remember(partition, event_ids)
-        self.stats.restored_keys += len(restored)
-        self.stats.last_restore_s = time.monotonic() - started
+        # A partition that was still owned (assigned again without a revoke in between) starts over.
+        self._owned -= partitions
+        self.state.drop_partitions(partitions)
+        restored = await recovery.restore(self.config, consumer, self.state, tps, self._partitions)
+        self._next.update(restored.positions)
+        self.stats.restored_keys += restored.keys
+        self.stats.last_restore_s = restored.seconds
+        self.stats.changelog_rejected += sum(restored.rejected.values())
         self._owned |= partitions
         self._next_heartbeat = 0.0
-        if self._consumer is not None:
-            self._consumer.resume(*tps)
+        self._correct([key for key in self._watch.said if expected_partition(key[0].encode(), self._partitions) in partitions])
+        consumer.resume(*tps)
         log.info(
             "partitions assigned: %s; restored %d keys and %d event ids in %.2fs",
-            sorted(partitions),
-            len(restored),
-            sum(len(ids) for ids in seen.values()),
-            self.stats.last_restore_s,
+            sorted(partitions), restored.keys, restored.event_ids, restored.seconds,
         )
+        if restored.rejected:
+            log.error("changelog records not taken as state: %s", dict(restored.rejected))
         self.assigned.set()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from aggregator.dedup import DedupWindow
+from aggregator.intake import fingerprint, identity
 from producer.periods import period_kind
 from schemas.limits import QuotaLimit
 from schemas.notices import QuotaState
@@ -26,7 +27,8 @@ Key = tuple[str, str]
 class Outcome(enum.Enum):
     APPLIED = "applied"
     REPLAY = "replay"  # this record's effect is already in the restored totals
-    DUPLICATE = "duplicate"  # another record carried the same event id
+    DUPLICATE = "duplicate"  # another record carried the same event (same tenant, id and content)
+    CONFLICT = "conflict"  # another record carried the same tenant and id with other content
 
 
 @dataclass(slots=True)
@@ -91,6 +93,7 @@ class TotalsState:
         self._windows: dict[int, DedupWindow] = {}
         self._dirty: set[Key] = set()
         self._notify: dict[Key, str] = {}
+        self._clear: set[Key] = set()
 
     def _window(self, partition: int) -> DedupWindow:
         window = self._windows.get(partition)
@@ -110,23 +113,25 @@ class TotalsState:
             event_quota=record.event_quota_tokens,
         )
 
-    def remember(self, partition: int, event_ids: Iterable[str]) -> None:
-        """Seed a partition's dedup window with ids already processed before a restart."""
+    def remember(self, partition: int, events: Iterable[UsageEvent]) -> None:
+        """Seed a partition's dedup window with the events processed before a restart, in order."""
         window = self._window(partition)
-        for event_id in event_ids:
-            window.add(event_id)
+        for event in events:
+            window.add(identity(event), fingerprint(event))
 
     def apply(self, partition: int, offset: int, event: UsageEvent) -> Outcome:
         key = (event.tenant_id, event.period_key)
         window = self._window(partition)
         self.mark_position(partition, offset)
         totals = self.totals.get(key)
+        who, content = identity(event), fingerprint(event)
         if totals is not None and offset <= totals.applied_offset:
-            window.add(event.event_id)
+            window.add(who, content)
             return Outcome.REPLAY
-        if event.event_id in window:
-            return Outcome.DUPLICATE
-        window.add(event.event_id)
+        seen = window.fingerprint(who)
+        if seen is not None:
+            return Outcome.DUPLICATE if seen == content else Outcome.CONFLICT
+        window.add(who, content)
         if totals is None:
             totals = self.totals[key] = Totals(partition=partition)
         totals.used += event.total_tokens
@@ -153,6 +158,41 @@ class TotalsState:
             if tenant_id is None or key[0] == tenant_id:
                 self._evaluate(key, totals, "limit_changed")
 
+    def reassert(self) -> int:
+        """Queue a notice again for every key that is not 'ok': a notice that was forged over,
+        removed or lost is put right within one re-assertion interval. Returns how many."""
+        count = 0
+        for key, totals in self.totals.items():
+            if totals.state != "ok":
+                self._notify.setdefault(key, "reasserted")
+                count += 1
+        return count
+
+    def correct(self, key: Key, said: tuple[str, int] | None) -> bool:
+        """The notices topic says ``said`` ((state, limit); None: no notice) for ``key``, a key of
+        a partition this aggregator owns. Queue what puts it right; True if anything was queued.
+
+        A key held here gets its own notice again when the topic says another state or limit, or
+        says nothing while the key is not 'ok'. A key not held here has no usage in its period,
+        so any notice of it was not written by an owner: it is removed (a tombstone), and the
+        middleware falls back to the limits it knows."""
+        totals = self.totals.get(key)
+        if totals is None:
+            if said is None:
+                return False
+            self._clear.add(key)
+            return True
+        if said == (totals.state, totals.limit) or (said is None and totals.state == "ok"):
+            return False
+        self._notify.setdefault(key, "corrected")
+        return True
+
+    def take_clears(self) -> list[Key]:
+        """Keys whose notice is to be removed, since the last call."""
+        clears = [key for key in self._clear if key not in self.totals]
+        self._clear.clear()
+        return clears
+
     def mark_position(self, partition: int, offset: int) -> None:
         """The consumer has passed ``offset`` (also for records that were dead-lettered)."""
         if offset > self.partition_offsets.get(partition, -1):
@@ -172,6 +212,7 @@ class TotalsState:
             del self.totals[key]
             self._dirty.discard(key)
             self._notify.pop(key, None)
+        self._clear.clear()
         for partition in partitions:
             self.partition_offsets.pop(partition, None)
             self._windows.pop(partition, None)

@@ -1,8 +1,10 @@
 """The independent verifier: recompute totals from the usage topic and compare with the changelog.
 
 ``Recompute`` is deliberately simpler than the aggregator: no offsets, no windows, no restore; it
-validates each record the same way, drops every repeated event id (not only those within a
-window), and sums. Billing consumers can use it as it is to rebuild totals from a replay.
+accepts each record by the same rules (``aggregator.intake``: valid, on its key's partition, ids
+that agree), drops every repeat of a (tenant, event id) (not only those within a window), counts
+the same identity with other content as a conflict, and sums. Billing consumers can use it as it
+is to rebuild totals from a replay.
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from aggregator.changelog import read_changelog, read_ranges
+from aggregator.changelog import end_offsets, read_changelog, read_ranges
+from aggregator.intake import Identity, UsageRecord, accept, fingerprint, identity
 from producer.config import KafkaConnection
-from producer.kafka_admin import close_consumer, committed_offsets, start_consumer, topic_partitions
+from producer.kafka_admin import committed_offsets, topic_partitions
 from schemas.errors import DecodeError
 from schemas.topics import TopicLayout
 from schemas.totals import TotalsRecord
 from schemas.usage import UsageEvent
-from schemas.wire import decode_usage_record
+from transport.fetch import Unreadable
 
 Key = tuple[str, str]
 
@@ -33,32 +36,44 @@ class KeyTotals:
 
 
 class Recompute:
-    """Feed it usage records in any order; it sums each event id once per (tenant, period)."""
+    """Feed it the usage topic's records (``partitions``: the topic's partition count); it sums
+    each (tenant, event id) once per (tenant, period)."""
 
-    def __init__(self) -> None:
+    def __init__(self, partitions: int) -> None:
+        self.partitions = partitions
         self._used: dict[Key, int] = {}
         self._events: dict[Key, int] = {}
-        self._seen: set[str] = set()
+        self._seen: dict[Identity, int] = {}
         self.invalid: Counter[str] = Counter()
         self.duplicates = 0
         self.records = 0
 
-    def add(self, key: bytes | None, value: bytes | None) -> UsageEvent | None:
+    def add(self, record: UsageRecord) -> UsageEvent | None:
         """The event if it counted; None when invalid (counted by reason) or a repeat."""
         self.records += 1
         try:
-            event = decode_usage_record(key, value)
+            event = accept(record, self.partitions)
         except DecodeError as exc:
             self.invalid[exc.reason] += 1
             return None
-        if event.event_id in self._seen:
-            self.duplicates += 1
+        who, content = identity(event), fingerprint(event)
+        seen = self._seen.get(who)
+        if seen is not None:
+            if seen == content:
+                self.duplicates += 1
+            else:
+                self.invalid["id_conflict"] += 1
             return None
-        self._seen.add(event.event_id)
+        self._seen[who] = content
         period = (event.tenant_id, event.period_key)
         self._used[period] = self._used.get(period, 0) + event.total_tokens
         self._events[period] = self._events.get(period, 0) + 1
         return event
+
+    def unreadable(self, skipped: Unreadable) -> None:
+        """A record the Kafka client could not parse: never counted (the aggregator dead-letters it)."""
+        self.records += 1
+        self.invalid["unreadable_record"] += 1
 
     def forget(self, event: UsageEvent) -> None:
         """Take back a counted event (its id stays seen: repeats of it still count as repeats)."""
@@ -105,17 +120,7 @@ class VerifyReport:
     invalid: dict[str, int] = field(default_factory=dict)
     lag: int = 0
     differences: list[Difference] = field(default_factory=list)
-
-
-async def end_offsets(connection: KafkaConnection, topic: str) -> dict[int, int]:
-    partitions = await topic_partitions(connection, topic)
-    consumer = AIOKafkaConsumer(**connection.client_kwargs(), group_id=None, enable_auto_commit=False)
-    await start_consumer(consumer)
-    try:
-        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
-    finally:
-        await close_consumer(consumer)
-    return {tp.partition: offset for tp, offset in ends.items()}
+    changelog_rejected: Counter[str] = field(default_factory=Counter)
 
 
 async def group_lag(connection: KafkaConnection, group_id: str, topic: str) -> int:
@@ -137,13 +142,15 @@ async def verify(
     while (lag := await group_lag(connection, group_id, layout.usage)) > 0 and time.monotonic() < deadline:
         await asyncio.sleep(0.5)
     report.lag = lag
-    recompute = Recompute()
     partitions = await topic_partitions(connection, layout.usage)
-    async for records in read_ranges(connection, layout.usage, {p: (None, None) for p in partitions}):
+    recompute = Recompute(len(partitions))
+    ranges = {p: (None, None) for p in partitions}
+    async for records in read_ranges(connection, layout.usage, ranges, on_unreadable=recompute.unreadable):
         for record in records:
-            recompute.add(record.key, record.value)
+            recompute.add(record)
     expected = recompute.totals()
-    actual = await read_changelog(connection, layout.totals)
+    usage_ends = await end_offsets(connection, layout.usage)
+    actual = await read_changelog(connection, layout.totals, usage_ends=usage_ends, rejected=report.changelog_rejected)
     report.records = recompute.records
     report.keys = len(expected)
     report.events = sum(t.events for t in expected.values())

@@ -40,14 +40,15 @@ def price(prices: Prices, model: str | None, input_tokens: int, output_tokens: i
 
 
 async def bill(connection: KafkaConnection, layout: TopicLayout, prices: Prices, since: datetime | None) -> list[dict]:
-    recompute = Recompute()
+    partitions = await topic_partitions(connection, layout.usage)
+    recompute = Recompute(len(partitions))
     rows: dict[tuple[str, str, str], dict] = defaultdict(
         lambda: {"events": 0, "input_tokens": 0, "output_tokens": 0, "total_tokens": 0, "cost_usd": 0.0}
     )
-    partitions = await topic_partitions(connection, layout.usage)
-    async for records in read_ranges(connection, layout.usage, {p: (None, None) for p in partitions}):
+    ranges = {p: (None, None) for p in partitions}
+    async for records in read_ranges(connection, layout.usage, ranges, on_unreadable=recompute.unreadable):
         for record in records:
-            event = recompute.add(record.key, record.value)
+            event = recompute.add(record)
             if event is None or (since is not None and event.event_time < since):
                 continue
             inp = event.input_tokens or 0

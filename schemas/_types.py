@@ -18,6 +18,8 @@ def _printable(value: str) -> str:
 
 
 Identifier = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_printable)]
+# A period key ends up in record keys, metrics labels and the operator's terminal: printable only.
+PeriodKey = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_printable)]
 ShortText = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_printable)]
 TokenCount = Annotated[int, Field(ge=0, le=MAX_TOKENS_PER_EVENT)]
 LimitTokens = Annotated[int, Field(ge=0, le=MAX_LIMIT_TOKENS)]

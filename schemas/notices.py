@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from schemas._types import Identifier, LimitTokens, Offset, Partition, ShortText, Timestamp
+from schemas._types import PeriodKey, Identifier, LimitTokens, Offset, Partition, ShortText, Timestamp
 
 QuotaState = Literal["ok", "warning", "exceeded"]
 
@@ -22,7 +22,7 @@ class QuotaNotice(BaseModel):
 
     type: Literal["notice"] = "notice"
     tenant_id: Identifier
-    period_key: Annotated[str, Field(min_length=1, max_length=64)]
+    period_key: PeriodKey
     state: QuotaState
     used_tokens: Annotated[int, Field(ge=0)]
     limit_tokens: LimitTokens

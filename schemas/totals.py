@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas._types import Identifier, LimitTokens, Offset, Partition, Timestamp
+from schemas._types import PeriodKey, Identifier, LimitTokens, Offset, Partition, Timestamp
 from schemas.notices import QuotaState
 
 
@@ -20,7 +20,7 @@ class TotalsRecord(BaseModel):
     model_config = ConfigDict(frozen=True, strict=True, extra="ignore")
 
     tenant_id: Identifier
-    period_key: Annotated[str, Field(min_length=1, max_length=64)]
+    period_key: PeriodKey
     used_tokens: Annotated[int, Field(ge=0)]
     event_count: Annotated[int, Field(ge=0)]
     limit_tokens: LimitTokens

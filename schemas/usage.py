@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas._types import Identifier, LimitTokens, ShortText, Timestamp, TokenCount
+from schemas._types import PeriodKey, Identifier, LimitTokens, ShortText, Timestamp, TokenCount
 
 # Additive changes only: a new optional field bumps the version; old versions must still decode.
 USAGE_SCHEMA_VERSION = 1
@@ -27,7 +27,7 @@ class UsageEvent(BaseModel):
     event_id: Annotated[str, Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
     schema_version: Literal[1] = USAGE_SCHEMA_VERSION
     tenant_id: Identifier
-    period_key: Annotated[str, Field(min_length=1, max_length=64)]
+    period_key: PeriodKey
     model: Annotated[str, Field(max_length=256)] | None = None
     input_tokens: TokenCount | None = None
     output_tokens: TokenCount | None = None

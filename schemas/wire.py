@@ -177,17 +177,6 @@ def usage_headers(event: UsageLike) -> list[tuple[str, bytes]]:
     ]
 
 
-def event_id_of(headers: Sequence[tuple[str, bytes]], value: bytes | None) -> str | None:
-    """The event id from ``ce_id``, else from the value; None when neither holds one."""
-    for name, header in headers:
-        if name == "ce_id":
-            return header.decode(errors="replace")
-    try:
-        return decode_usage(value).event_id
-    except DecodeError:
-        return None
-
-
 def _pack(*parts: str | int) -> bytes:
     return json.dumps(parts, separators=(",", ":"), ensure_ascii=False).encode()
 

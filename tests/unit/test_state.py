@@ -75,8 +75,18 @@ def test_restore_then_skip_what_the_changelog_holds() -> None:
 def test_remembered_ids_drop_duplicates_after_a_restart() -> None:
     original = event("acme", 10)
     state = TotalsState(Limits())
-    state.remember(0, [original.event_id])
+    state.remember(0, [original])
     assert state.apply(0, 9, original) is Outcome.DUPLICATE
+
+
+def test_dedup_is_per_tenant_and_other_content_is_a_conflict() -> None:
+    state = TotalsState(Limits())
+    victim = event("acme", 10)
+    assert state.apply(0, 0, victim.model_copy(update={"tenant_id": "evil", "total_tokens": 99})) is Outcome.APPLIED
+    assert state.apply(0, 1, victim) is Outcome.APPLIED  # another tenant's reuse of the id changes nothing
+    assert state.apply(0, 2, victim.model_copy(update={"total_tokens": 11})) is Outcome.CONFLICT
+    assert state.apply(0, 3, victim) is Outcome.DUPLICATE
+    assert state.totals[("acme", "p")].used == 10 and state.totals[("evil", "p")].used == 99
 
 
 def test_limit_precedence() -> None:
@@ -126,8 +136,8 @@ def test_drop_partitions_forgets_only_those() -> None:
 def test_dedup_window_is_bounded() -> None:
     window = DedupWindow(3)
     for event_id in "abcd":
-        window.add(event_id)
-    assert "a" not in window and all(x in window for x in "bcd") and len(window) == 3
+        window.add(("t", event_id))
+    assert ("t", "a") not in window and all(("t", x) in window for x in "bcd") and len(window) == 3
 
 
 # A usage log: (tenant, tokens) per offset, some entries re-publishing an earlier event (same id).
@@ -175,7 +185,7 @@ def test_any_delivery_with_duplicates_and_crash_replays_gives_one_clean_pass(
             state = TotalsState(Limits(default_limit=10**9))
             for record in changelog.values():
                 state.restore(record)  # type: ignore[arg-type]
-            state.remember(0, (e.event_id for e in log[max(0, committed - state.dedup_window) : committed]))
+            state.remember(0, (e for e in log[max(0, committed - state.dedup_window) : committed]))
             position = committed
     assert {key: totals.used for key, totals in state.totals.items() if totals.events} == clean
 
