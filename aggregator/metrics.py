@@ -37,6 +37,15 @@ class ServiceCollector(Collector):
             "replays_skipped": ("records skipped because the changelog already held them", stats.replays_skipped),
             "notices": ("quota notices published", stats.notices),
             "commit_failures": ("offset commits skipped after a rebalance", stats.commit_failures),
+            "id_conflicts": ("events dead-lettered because their tenant and id were seen with other content",
+                             stats.id_conflicts),
+            "unreadable_records": ("records the Kafka client could not parse, dead-lettered by offset",
+                                   stats.unreadable_records),
+            "changelog_rejected": ("changelog records not taken as state on restore (forged or out of bounds)",
+                                   stats.changelog_rejected),
+            "notice_corrections": ("notices on the topic that contradicted this aggregator, put right",
+                                   stats.corrections),
+            "notices_reasserted": ("not-ok notices published again on the re-assertion timer", stats.reasserted),
         }
         for name, (text, value) in counters.items():
             yield CounterMetricFamily(f"tokenguard_aggregator_{name}", text, value=value)
