@@ -87,7 +87,12 @@ def flag_from_env(env: Mapping[str, str], name: str, default: bool) -> bool:
 
 
 def default_instance_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
+    """``<host>-<pid>``, the host name cut so the whole fits the usage schema's instance id."""
+    from producer.validation import MAX_INSTANCE_CHARS
+
+    suffix = f"-{os.getpid()}"
+    host = "".join(c for c in socket.gethostname() if c.isprintable()) or "host"
+    return host[: MAX_INSTANCE_CHARS - len(suffix)] + suffix
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,9 @@ class ProducerConfig:
     stale_policy: Literal["fail_open", "fail_closed", "local_only"] = "fail_open"
 
     def __post_init__(self) -> None:
+        from producer.validation import check_instance_id
+
+        check_instance_id(self.instance_id)  # in every usage event: one the aggregator would refuse loses them all
         if self.spool_full_policy not in ("block", "drop_oldest"):
             raise ValueError(f"spool_full_policy must be 'block' or 'drop_oldest', got {self.spool_full_policy!r}")
         if self.stale_policy not in ("fail_open", "fail_closed", "local_only"):

@@ -26,3 +26,9 @@ class QuotaUnavailableError(QuotaExceededError):
 class UsageSpoolFullError(TokenGuardError):
     """Refused before the LLM call: Kafka is away and the usage spool is full (policy ``block``), so
     the call's usage could not be kept."""
+
+
+class InvalidCallError(TokenGuardError, ValueError):
+    """Refused before the LLM call: what the application supplied for this call (the tenant id from
+    ``user_id_getter``, the period key from ``period_key_fn``) does not fit the usage schema, so the
+    call's usage could never be counted. A ``ValueError`` too: it is a usage mistake."""

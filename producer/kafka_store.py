@@ -23,7 +23,8 @@ from producer.notices_feed import NoticesFeed
 from producer.publisher import UsagePublisher
 from producer.snapshot import QuotaSnapshot
 from producer.store import CallUsage, Decision
-from schemas.wire import UsageDraft
+from producer.validation import check_attributes, check_call_keys, fit_usage
+from schemas.wire import UsageDraft, UsageLike
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +36,22 @@ class StoreStats:
 
 
 class KafkaQuotaStore:
-    """Publisher + notices feed + snapshot, with one lifecycle. Implements ``QuotaBackend``."""
+    """Publisher + notices feed + snapshot, with one lifecycle. Implements ``QuotaBackend``.
+
+    Args:
+        config: Connection, topics, instance id (checked against the usage schema by the config).
+        attributes: Carried by every usage event (e.g. region, deployment). Checked here against
+            the schema's bounds (at most 32; keys 1..64 characters, values at most 256) and for
+            size, so no event of this store can be dead-lettered for them: ``ValueError`` /
+            ``TypeError`` otherwise.
+    """
 
     def __init__(self, config: ProducerConfig, *, attributes: dict[str, str] | None = None) -> None:
+        self._attributes = check_attributes(attributes)
         self.config = config
         self.snapshot = QuotaSnapshot()
         self.publisher = UsagePublisher(config, on_delivered=self._delivered)
         self.feed = NoticesFeed(config, self.snapshot)
-        self._attributes = dict(attributes or {})
         self._started = False
         self._valid_keys: set[tuple[str, str]] = set()
         # Event ids: a random per-instance prefix and a counter; unique without a uuid per call.
@@ -116,37 +125,38 @@ class KafkaQuotaStore:
         return decision  # local_only: the last known totals plus this process's own spend
 
     def _validate_key(self, tenant_id: str, period_key: str) -> None:
-        """Refuse, before the LLM is called, ids the aggregator would dead-letter."""
-        for name, value, longest in (("tenant id", tenant_id, 256), ("period key", period_key, 64)):
-            if not isinstance(value, str) or not 0 < len(value) <= longest or not value.isprintable():
-                raise ValueError(f"{name} must be 1 to {longest} printable characters, got {value!r:.80}")
+        """Refuse, before the LLM is called, ids the aggregator would dead-letter (``InvalidCallError``)."""
+        check_call_keys(tenant_id, period_key)
         if len(self._valid_keys) > 100_000:
             self._valid_keys.clear()
         self._valid_keys.add((tenant_id, period_key))
 
     def record(self, usage: CallUsage) -> int:
-        self.publisher.publish(
-            UsageDraft(
-                event_id=f"{self._id_prefix}{next(self._sequence):012x}",
-                tenant_id=usage.tenant_id,
-                period_key=usage.period_key,
-                model=usage.model,
-                input_tokens=usage.input_tokens,
-                output_tokens=usage.output_tokens,
-                total_tokens=usage.total_tokens,
-                cache_creation_input_tokens=usage.cache_creation_input_tokens,
-                cache_read_input_tokens=usage.cache_read_input_tokens,
-                reasoning_output_tokens=usage.reasoning_output_tokens,
-                quota_tokens=usage.quota_tokens,
-                event_time=usage.event_time,
-                streaming=usage.streaming,
-                estimated=usage.estimated,
-                instance_id=self.config.instance_id,
-                attributes=self._attributes,
-            )
-        )
+        usage = fit_usage(usage)
+        self.publisher.publish(self.draft(usage))
         self.snapshot.add_local(usage.tenant_id, usage.period_key, usage.total_tokens)
         return self.snapshot.used(usage.tenant_id, usage.period_key)
 
-    def _delivered(self, event: UsageEvent, partition: int, offset: int) -> None:
+    def draft(self, usage: CallUsage) -> UsageDraft:
+        """The usage event this store publishes for ``usage`` (given as ``record`` has fitted it)."""
+        return UsageDraft(
+            event_id=f"{self._id_prefix}{next(self._sequence):012x}",
+            tenant_id=usage.tenant_id,
+            period_key=usage.period_key,
+            model=usage.model,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            total_tokens=usage.total_tokens,
+            cache_creation_input_tokens=usage.cache_creation_input_tokens,
+            cache_read_input_tokens=usage.cache_read_input_tokens,
+            reasoning_output_tokens=usage.reasoning_output_tokens,
+            quota_tokens=usage.quota_tokens,
+            event_time=usage.event_time,
+            streaming=usage.streaming,
+            estimated=usage.estimated,
+            instance_id=self.config.instance_id,
+            attributes=self._attributes,
+        )
+
+    def _delivered(self, event: UsageLike, partition: int, offset: int) -> None:
         self.snapshot.acknowledged(event.tenant_id, event.period_key, event.total_tokens, partition, offset)

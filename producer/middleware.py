@@ -13,13 +13,14 @@ from typing import Any
 from agent_framework import ChatContext, ChatMiddleware
 
 from producer.errors import QuotaExceededError, QuotaUnavailableError
-from producer.estimate import estimate_input_tokens
+from producer.estimate import estimate_input_tokens, tokens_for_chars
 from producer.inflight import InFlight, Reservation
 from producer.periods import month_key
-from producer.records import quota_alert, token_counts, usage_record
+from producer.records import quota_alert, usage_record
 from producer.store import CallUsage, Decision, QuotaBackend, QuotaStore, UsageCallback, as_backend
 from producer.streams import StreamUsage
 from producer.tenancy import default_user_id_getter
+from producer.validation import Counts, bound_model, check_call_keys, check_quota_tokens, settle_counts
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,7 @@ class TokenGuardMiddleware(ChatMiddleware):
         min_headroom_tokens: int = 16,
         callback_timeout_s: float | None = 5.0,
     ) -> None:
-        if isinstance(quota_tokens, bool) or int(quota_tokens) < 0:
-            raise ValueError(f"quota_tokens must be a non-negative integer, got {quota_tokens!r}")
+        quota_tokens = check_quota_tokens(quota_tokens)
         if not 0.0 < warning_ratio <= 1.0:
             raise ValueError(f"warning_ratio must be in (0, 1], got {warning_ratio!r}")
         if max_in_flight_per_tenant < 1 or default_max_tokens < 0 or min_headroom_tokens < 0:
@@ -92,7 +92,7 @@ class TokenGuardMiddleware(ChatMiddleware):
         self.on_quota_exceeded = on_quota_exceeded
         self.on_quota_warning = on_quota_warning
         self.quota_store = quota_store
-        self.quota_tokens = int(quota_tokens)
+        self.quota_tokens = quota_tokens
         self.user_id_getter = user_id_getter
         self.period_key_fn = period_key_fn
         self.warning_ratio = warning_ratio
@@ -109,12 +109,15 @@ class TokenGuardMiddleware(ChatMiddleware):
         self._backend = as_backend(quota_store)
         self._in_flight = InFlight()
         self._warned: set[tuple[str, str]] = set()
+        self._valid_keys: set[tuple[str, str]] = set()
 
     async def process(self, context: ChatContext, call_next: Callable[[], Awaitable[None]]) -> None:
         self.stats.calls += 1
         tenant_id = self.user_id_getter(context)
         period_key = self.period_key_fn()
         key = (tenant_id, period_key)
+        if key not in self._valid_keys:
+            self._check_keys(key)
         decision = self._backend.check(tenant_id, period_key, self.quota_tokens)
         needs_estimate = self.reserve_in_flight or self.clamp_max_tokens
         input_estimate = estimate_input_tokens(context.messages) if needs_estimate else 0
@@ -129,11 +132,17 @@ class TokenGuardMiddleware(ChatMiddleware):
             output = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else self.default_max_tokens
             reservation = self._in_flight.reserve(key, input_estimate + output)
 
-        def record(details: dict[str, Any], model: str | None, estimated: bool, streaming: bool) -> Any:
-            return self._record(tenant_id, period_key, decision.limit, reservation, details, model, estimated, streaming)
+        messages = context.messages
+
+        def estimate_input() -> int:
+            return input_estimate or estimate_input_tokens(messages)
+
+        def record(details: dict[str, Any], model: str | None, output_estimate: Callable[[], int], streaming: bool) -> Any:
+            counts = settle_counts(details, input_estimate=estimate_input, output_estimate=output_estimate)
+            return self._record(tenant_id, period_key, decision.limit, reservation, counts, model, streaming)
 
         if context.stream:
-            usage = StreamUsage(lambda d, m, e: record(d, m, e, True), input_estimate=input_estimate)
+            usage = StreamUsage(lambda d, m, o: record(d, m, o, True))
             usage.attach(context)
             try:
                 await call_next()
@@ -148,19 +157,21 @@ class TokenGuardMiddleware(ChatMiddleware):
         finally:
             self._release(reservation)
         result = context.result
-        details = dict(getattr(result, "usage_details", None) or {}) if result else {}
-        if details:
-            pending = record(details, getattr(result, "model", None), False, False)
-        elif result is not None:
-            # The provider reported nothing: keep an estimate, flagged, rather than nothing.
-            output = sum(len(m.text or "") for m in getattr(result, "messages", ()) or ())
-            estimate = {"input_token_count": input_estimate or estimate_input_tokens(context.messages),
-                        "output_token_count": (output + 3) // 4}
-            pending = record(estimate, getattr(result, "model", None), True, False)
+        if result is not None:
+            # Without (usable) provider counts the event carries an estimate, flagged, rather than nothing.
+            details = dict(getattr(result, "usage_details", None) or {})
+            pending = record(details, getattr(result, "model", None), lambda: _output_estimate(result), False)
         else:
             pending = None
         if pending is not None:
             await pending
+
+    def _check_keys(self, key: tuple[str, str]) -> None:
+        """Refuse, before the LLM is called, a tenant id or period key the schema would reject."""
+        check_call_keys(*key)
+        if len(self._valid_keys) > 100_000:
+            self._valid_keys.clear()
+        self._valid_keys.add(key)
 
     def _judge_in_flight(self, key: tuple[str, str], decision: Decision, context: ChatContext, input_estimate: int) -> Decision:
         """Count reservations as spent; clamp ``max_tokens`` to the headroom when asked to."""
@@ -200,22 +211,28 @@ class TokenGuardMiddleware(ChatMiddleware):
         period_key: str,
         limit: int,
         reservation: Reservation | None,
-        details: dict[str, Any],
-        model: str | None,
-        estimated: bool,
+        counts: Counts,
+        model: Any,
         streaming: bool,
     ) -> Awaitable[None] | None:
         """Record now (synchronously, so it happens even from a GC finalizer); return the user
-        callbacks still to await, if any."""
+        callbacks still to await, if any. ``counts`` and the model name are already within the
+        usage schema's bounds, so the event can never be dead-lettered for its shape."""
+        estimated = counts.estimated
         usage = CallUsage(
             tenant_id=tenant_id,
             period_key=period_key,
-            model=model,
+            model=bound_model(model),
+            input_tokens=counts.input_tokens,
+            output_tokens=counts.output_tokens,
+            total_tokens=counts.total_tokens,
+            cache_creation_input_tokens=counts.cache_creation_input_tokens,
+            cache_read_input_tokens=counts.cache_read_input_tokens,
+            reasoning_output_tokens=counts.reasoning_output_tokens,
             quota_tokens=self.quota_tokens,
             streaming=streaming,
             event_time=datetime.now(timezone.utc),
             estimated=estimated,
-            **token_counts(details),  # type: ignore[arg-type]
         )
         used_after = self._backend.record(usage)
         self._release(reservation)
@@ -292,6 +309,11 @@ class TokenGuardMiddleware(ChatMiddleware):
             "TokenGuard callback %s raised; the call is unaffected", _callback_name(callback),
             exc_info=error if error is not None else True,
         )
+
+
+def _output_estimate(result: Any) -> int:
+    """Output tokens of a response from its text, for a provider that did not count them."""
+    return tokens_for_chars(sum(len(m.text or "") for m in getattr(result, "messages", ()) or ()))
 
 
 def _callback_name(callback: object) -> str:

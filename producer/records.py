@@ -1,9 +1,8 @@
-"""The seed's dict payloads (usage record, quota alert) and reading usage out of a chat response."""
+"""The seed's dict payloads (usage record, quota alert); reading counts is ``producer.validation``'s."""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
 from typing import Any
 
 from producer.store import CallUsage
@@ -40,35 +39,4 @@ def quota_alert(tenant_id: str, period_key: str, used: int, limit: int) -> dict[
         "used_tokens": used,
         "quota_tokens": limit,
         "reason": "quota_exceeded_before_call",
-    }
-
-
-def _count(value: Any) -> int | None:
-    if type(value) is int:
-        return value if value >= 0 else None
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        count = int(value)
-    except (TypeError, ValueError):
-        return None
-    return count if count >= 0 else None
-
-
-def token_counts(details: Mapping[str, Any]) -> dict[str, int | None]:
-    """Agent Framework ``UsageDetails`` -> our field names; total falls back to input + output.
-
-    Providers' counts are trusted only as far as being non-negative integers; anything else
-    counts as not reported.
-    """
-    get = details.get
-    inp = _count(get("input_token_count"))
-    out = _count(get("output_token_count"))
-    return {
-        "input_tokens": inp,
-        "output_tokens": out,
-        "total_tokens": _count(get("total_token_count")) or (inp or 0) + (out or 0),
-        "cache_creation_input_tokens": _count(get("cache_creation_input_token_count")),
-        "cache_read_input_tokens": _count(get("cache_read_input_token_count")),
-        "reasoning_output_tokens": _count(get("reasoning_output_token_count")),
     }

@@ -10,28 +10,46 @@ A stream can end four ways, and Agent Framework tells a middleware about each di
 
 ``StreamUsage`` records once, from the first of these that fires. Without a provider count it
 records an estimate (input estimated from the messages, output from the text streamed so far)
-and flags the event ``estimated``.
+and flags the event ``estimated``; the recorder (``settle_counts``) decides which counts need one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from agent_framework import add_usage_details
-
 from producer.estimate import tokens_for_chars
+from producer.validation import read_count
 
-# (usage details, model, estimated) -> awaitable or None; the middleware's recording function.
-Recorder = Callable[[dict[str, Any], str | None, bool], Any]
+# (usage details, model, output estimate) -> awaitable or None; the middleware's recording function.
+Recorder = Callable[[dict[str, Any], str | None, Callable[[], int]], Any]
+
+_WRONG = -1  # stands for a wrongly reported count in merged details: settle_counts treats it as one
+
+
+def merge_usage(total: Mapping[str, Any] | None, update: Mapping[str, Any]) -> dict[str, Any]:
+    """Add one update's usage to the stream's so far.
+
+    Unlike ``agent_framework.add_usage_details``, which counts None as 0 (a provider that never
+    counted would be billed nothing, unflagged), a key that was never reported stays absent and a
+    wrong report (negative, not a number) stays wrong, so the recorder estimates and flags it.
+    """
+    merged = dict(total or {})
+    for key, value in update.items():
+        count, wrong = read_count(value)
+        held = merged.get(key)
+        if wrong or held == _WRONG:
+            merged[key] = _WRONG
+        elif count is not None:
+            merged[key] = count if held is None else held + count
+    return merged
 
 
 class StreamUsage:
-    def __init__(self, record: Recorder, *, input_estimate: int) -> None:
+    def __init__(self, record: Recorder) -> None:
         self._record = record
-        self._input_estimate = input_estimate
         self._usage: dict[str, Any] | None = None
         self._output_chars = 0
         self._model: str | None = None
@@ -50,7 +68,7 @@ class StreamUsage:
     def on_update(self, update: Any) -> Any:
         for content in getattr(update, "contents", None) or ():
             if getattr(content, "type", None) == "usage" and content.usage_details:
-                self._usage = dict(add_usage_details(self._usage, content.usage_details))  # type: ignore[arg-type]
+                self._usage = merge_usage(self._usage, content.usage_details)
         text = getattr(update, "text", None)
         if text:
             self._output_chars += len(text)
@@ -88,10 +106,7 @@ class StreamUsage:
 
     def _take(self, details: dict[str, Any], model: str | None) -> Any:
         self.recorded = True
-        if details:
-            return self._record(details, model, False)
-        estimate = {
-            "input_token_count": self._input_estimate,
-            "output_token_count": tokens_for_chars(self._output_chars),
-        }
-        return self._record(estimate, model, True)
+        return self._record(details, model, self._output_estimate)
+
+    def _output_estimate(self) -> int:
+        return tokens_for_chars(self._output_chars)

@@ -1,0 +1,368 @@
+"""Issue 9, producer side: one validation at the edge, control-record bounds, followers that survive
+any record. Pure rules and real ``Agent`` objects over the scripted client; no broker."""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agent_framework import Agent, ChatResponse, ChatResponseUpdate, Content, Message, ResponseStream
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from producer import InMemoryQuotaStore, KafkaQuotaStore, ProducerConfig, TokenGuardMiddleware
+from producer.errors import InvalidCallError, TokenGuardError
+from producer.scripted import ScriptedChatClient
+from producer.store import CallUsage, Decision
+from producer.validation import (
+    MAX_ATTRIBUTE_KEY_CHARS,
+    MAX_ATTRIBUTE_VALUE_CHARS,
+    MAX_ATTRIBUTES,
+    MAX_INSTANCE_CHARS,
+    MAX_MODEL_CHARS,
+    MAX_PERIOD_CHARS,
+    MAX_QUOTA_TOKENS,
+    MAX_TENANT_CHARS,
+    MAX_TOKENS_PER_EVENT,
+    bound_model,
+    check_attributes,
+    fit_usage,
+    settle_counts,
+)
+from schemas import _types
+from schemas.usage import UsageEvent
+from schemas.wire import decode_usage, encode_usage
+
+NOW = datetime(2026, 4, 14, tzinfo=timezone.utc)
+
+
+def event(**changes: Any) -> UsageEvent:
+    fields: dict[str, Any] = dict(
+        event_id="e" * 8, tenant_id="acme", period_key="2026-04", total_tokens=1, quota_tokens=1,
+        event_time=NOW, instance_id="i",
+    )
+    fields.update(changes)
+    return UsageEvent(**fields)
+
+
+# --- the bounds are the schema's ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "longest"),
+    [("model", MAX_MODEL_CHARS), ("tenant_id", MAX_TENANT_CHARS), ("period_key", MAX_PERIOD_CHARS),
+     ("instance_id", MAX_INSTANCE_CHARS)],
+)
+def test_string_bounds_are_exactly_where_the_schema_puts_them(field: str, longest: int) -> None:
+    event(**{field: "m" * longest})
+    with pytest.raises(ValidationError):
+        event(**{field: "m" * (longest + 1)})
+
+
+def test_count_quota_and_attribute_bounds_are_exactly_the_schemas() -> None:
+    assert MAX_TOKENS_PER_EVENT == _types.MAX_TOKENS_PER_EVENT and MAX_QUOTA_TOKENS == _types.MAX_LIMIT_TOKENS
+    event(total_tokens=MAX_TOKENS_PER_EVENT, quota_tokens=MAX_QUOTA_TOKENS)
+    for bad in ({"total_tokens": MAX_TOKENS_PER_EVENT + 1}, {"quota_tokens": MAX_QUOTA_TOKENS + 1}):
+        with pytest.raises(ValidationError):
+            event(**bad)
+    widest = {f"{i:0{MAX_ATTRIBUTE_KEY_CHARS}d}": "v" * MAX_ATTRIBUTE_VALUE_CHARS for i in range(MAX_ATTRIBUTES)}
+    event(attributes=widest)
+    for bad_attributes in (
+        {**widest, "one-more": "v"},
+        {"k" * (MAX_ATTRIBUTE_KEY_CHARS + 1): "v"},
+        {"k": "v" * (MAX_ATTRIBUTE_VALUE_CHARS + 1)},
+        {"": "v"},
+    ):
+        with pytest.raises(ValidationError):
+            event(attributes=bad_attributes)
+
+
+# --- at construction ------------------------------------------------------------------------
+
+
+def test_quota_tokens_outside_the_schema_is_refused_at_construction() -> None:
+    make = lambda quota: TokenGuardMiddleware(quota_store=InMemoryQuotaStore(), quota_tokens=quota)  # noqa: E731
+    assert make(MAX_QUOTA_TOKENS).quota_tokens == MAX_QUOTA_TOKENS
+    assert make(1e6).quota_tokens == 1_000_000, "an integral float names an int, as the seed took it"
+    for too_big in (MAX_QUOTA_TOKENS + 1, -1):
+        with pytest.raises(ValueError, match="quota_tokens"):
+            make(too_big)
+    for wrong in ("50000", True, 10.5, None):
+        with pytest.raises(TypeError, match="quota_tokens"):
+            make(wrong)
+
+
+def test_instance_id_outside_the_schema_is_refused_by_the_config(tmp_path: Path) -> None:
+    assert ProducerConfig(instance_id="i" * MAX_INSTANCE_CHARS, spool_dir=None).instance_id
+    assert len(ProducerConfig(spool_dir=None).instance_id) <= MAX_INSTANCE_CHARS, "the default fits too"
+    for bad in ("i" * (MAX_INSTANCE_CHARS + 1), "", "host\x1b[2J"):
+        with pytest.raises(ValueError, match="instance_id"):
+            ProducerConfig(instance_id=bad, spool_dir=None)
+    with pytest.raises(TypeError, match="instance_id"):
+        ProducerConfig(instance_id=42, spool_dir=None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="instance_id"):
+        ProducerConfig.from_env({"TOKENGUARD_INSTANCE_ID": "x" * 500})
+
+
+def test_attributes_outside_the_schema_are_refused_by_the_store() -> None:
+    config = ProducerConfig(spool_dir=None)
+    assert KafkaQuotaStore(config, attributes={"region": "eu-west", "team": "ä" * MAX_ATTRIBUTE_VALUE_CHARS})
+    for bad in (
+        {f"k{i}": "v" for i in range(MAX_ATTRIBUTES + 1)},
+        {"k" * (MAX_ATTRIBUTE_KEY_CHARS + 1): "v"},
+        {"k": "v" * (MAX_ATTRIBUTE_VALUE_CHARS + 1)},
+        {"": "v"},
+        {"k": "\ud800"},  # not UTF-8: the publisher could never encode it
+    ):
+        with pytest.raises(ValueError, match="attribute"):
+            KafkaQuotaStore(config, attributes=bad)
+    with pytest.raises(TypeError, match="attributes"):
+        KafkaQuotaStore(config, attributes={"k": 5})  # type: ignore[dict-item]
+
+
+def test_attributes_at_every_bound_at_once_still_make_records_the_aggregator_reads() -> None:
+    escaped = "\x01"  # 6 bytes in JSON: the costliest character an attribute may hold
+    heavy = {f"{i:0{MAX_ATTRIBUTE_KEY_CHARS}d}": escaped * MAX_ATTRIBUTE_VALUE_CHARS for i in range(MAX_ATTRIBUTES)}
+    try:
+        checked = check_attributes(heavy)
+    except ValueError as exc:
+        assert "too large" in str(exc)  # refused at construction: a clear error, not a dead letter
+    else:
+        assert checked == heavy
+
+
+# --- per call, before the LLM ---------------------------------------------------------------
+
+
+class Counting(ScriptedChatClient):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("tenant", "period"),
+    [
+        ("acme", "2026-04\x1b[31m"),  # an escape sequence for the operator's terminal
+        ("acme", "p" * (MAX_PERIOD_CHARS + 1)),
+        ("acme", ""),
+        ("", "2026-04"),
+        ("t" * (MAX_TENANT_CHARS + 1), "2026-04"),
+        ("line\nbreak", "2026-04"),
+    ],
+)
+async def test_a_bad_tenant_id_or_period_key_is_refused_before_the_llm_is_called(tenant: str, period: str) -> None:
+    client = Counting()
+    guard = TokenGuardMiddleware(
+        quota_store=InMemoryQuotaStore(), quota_tokens=10**6, user_id_getter=lambda _: tenant, period_key_fn=lambda: period
+    )
+    with pytest.raises(InvalidCallError) as caught:
+        await Agent(client).run("Hello!", middleware=[guard])
+    assert isinstance(caught.value, ValueError) and isinstance(caught.value, TokenGuardError)
+    assert client.calls == 0, "the LLM was not called"
+
+
+async def test_a_period_key_fn_returning_a_non_string_is_refused_before_the_llm() -> None:
+    client = Counting()
+    guard = TokenGuardMiddleware(quota_store=InMemoryQuotaStore(), quota_tokens=10**6, period_key_fn=lambda: 202604)  # type: ignore[arg-type, return-value]
+    with pytest.raises(InvalidCallError, match="period key"):
+        await Agent(client).run("Hello!", middleware=[guard])
+    assert client.calls == 0
+
+
+# --- per call, after the LLM: counts and model ----------------------------------------------
+
+
+def settle(details: Mapping[str, Any], inp: int = 7, out: int = 11) -> tuple[int | None, int | None, int, bool]:
+    counts = settle_counts(details, input_estimate=lambda: inp, output_estimate=lambda: out)
+    return counts.input_tokens, counts.output_tokens, counts.total_tokens, counts.estimated
+
+
+def details(inp: Any = None, out: Any = None, total: Any = None) -> dict[str, Any]:
+    return {"input_token_count": inp, "output_token_count": out, "total_token_count": total}
+
+
+@pytest.mark.parametrize(
+    ("reported", "expected"),
+    [
+        (details(10, 20, 30), (10, 20, 30, False)),
+        (details(10, 20, None), (10, 20, 30, False)),  # the sum of two provider counts is exact
+        (details(None, None, None), (7, 11, 18, True)),  # recorded as 0, unflagged, before issue 9
+        (details(-5, 20, None), (7, 20, 27, True)),
+        (details(10, -1, -1), (10, 11, 21, True)),
+        (details("ten", 20, None), (7, 20, 27, True)),
+        (details(10, 20, 5), (10, 20, 30, True)),  # a total below input + output becomes the sum
+        (details(None, 20, 30), (10, 20, 30, False)),  # one part from the total: exact
+        (details(None, None, 30), (7, 23, 30, True)),  # the split is estimated, the total kept
+        (details(None, 40, 30), (7, 40, 47, True)),
+        (details(True, 20, 30), (10, 20, 30, True)),  # a bool is not a count
+        (details(float("inf"), 20, None), (7, 20, 27, True)),
+        (details(10**12, 5, None), (MAX_TOKENS_PER_EVENT, 0, MAX_TOKENS_PER_EVENT, True)),
+        (details(10, 20, 10**30), (10, 20, MAX_TOKENS_PER_EVENT, True)),
+        ({}, (7, 11, 18, True)),
+        (details(0, 0, 0), (7, 11, 18, True)),  # how the framework hands a chat middleware None counts
+        (details(12, 0, 12), (12, 11, 23, True)),  # text came back: 0 output tokens is wrong
+        ({**details(0, 9, 9), "cache_read_input_token_count": 50}, (0, 9, 9, False)),  # a full cache hit
+    ],
+)
+def test_provider_counts_are_settled_within_the_schema(reported: dict[str, Any], expected: tuple[Any, ...]) -> None:
+    assert settle(reported) == expected
+
+
+def test_estimates_are_not_computed_when_the_provider_counted() -> None:
+    def boom() -> int:
+        raise AssertionError("estimated although the provider counted")
+
+    assert settle_counts(details(1, 2, 3), input_estimate=boom, output_estimate=boom).total_tokens == 3
+
+
+def test_a_long_model_name_is_cut_deterministically_and_stays_distinct() -> None:
+    a, b = "m" * 300 + "-a", "m" * 300 + "-b"
+    assert bound_model(a) == bound_model(a) and len(bound_model(a) or "") == MAX_MODEL_CHARS
+    assert bound_model(a) != bound_model(b)
+    assert bound_model("gpt-4o") == "gpt-4o" and bound_model(None) is None
+    assert bound_model("x\ud800y") == "x\ufffdy", "a lone surrogate could not be encoded"
+    assert bound_model(12) == "12"
+    event(model=bound_model("é" * 10_000))
+
+
+_ANY = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(10**20), max_value=10**20), st.floats(allow_nan=True),
+    st.text(max_size=5), st.just(float("inf")),
+)
+_KEYS = ["input_token_count", "output_token_count", "total_token_count", "cache_creation_input_token_count",
+         "cache_read_input_token_count", "reasoning_output_token_count"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(_KEYS), _ANY), st.integers(0, 10**9), st.integers(0, 10**9), _ANY)
+def test_whatever_a_provider_reports_the_event_fits_the_schema(
+    reported: dict[str, Any], inp: int, out: int, model: Any
+) -> None:
+    counts = settle_counts(reported, input_estimate=lambda: inp, output_estimate=lambda: out)
+    assert (counts.input_tokens or 0) + (counts.output_tokens or 0) <= counts.total_tokens
+    event(
+        model=bound_model(model), input_tokens=counts.input_tokens, output_tokens=counts.output_tokens,
+        total_tokens=counts.total_tokens, cache_creation_input_tokens=counts.cache_creation_input_tokens,
+        cache_read_input_tokens=counts.cache_read_input_tokens, reasoning_output_tokens=counts.reasoning_output_tokens,
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(_ANY, _ANY, _ANY, _ANY, st.one_of(st.none(), st.text(max_size=400)))
+def test_whatever_a_direct_caller_records_the_store_fits_it(inp: Any, out: Any, total: Any, extra: Any, model: Any) -> None:
+    usage = CallUsage(
+        tenant_id="acme", period_key="p", model=model, input_tokens=inp, output_tokens=out, total_tokens=total,
+        cache_creation_input_tokens=extra, cache_read_input_tokens=None, reasoning_output_tokens=extra,
+        quota_tokens=10**20, streaming=False, event_time=datetime(2026, 4, 14),
+    )
+    fitted = fit_usage(usage)
+    event(**{name: getattr(fitted, name) for name in (
+        "model", "input_tokens", "output_tokens", "total_tokens", "cache_creation_input_tokens",
+        "reasoning_output_tokens", "quota_tokens", "event_time", "estimated")})
+
+
+def test_a_well_formed_call_usage_is_left_as_it_is() -> None:
+    usage = CallUsage(
+        tenant_id="acme", period_key="p", model="m", input_tokens=None, output_tokens=None, total_tokens=40,
+        cache_creation_input_tokens=None, cache_read_input_tokens=None, reasoning_output_tokens=None,
+        quota_tokens=500, streaming=False, event_time=NOW,
+    )
+    assert fit_usage(usage) is usage
+
+
+# --- nothing admitted is later dead-lettered for its shape ----------------------------------
+
+
+class Hostile(ScriptedChatClient):
+    """Reports whatever usage and model name it is told to, streaming or not."""
+
+    def __init__(self, usage: dict[str, Any], model: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.hostile_usage = usage
+        self.model = model
+
+    def _inner_get_response(self, *, messages: Any, stream: bool, options: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        text = "a fair reply of a few words"
+        if stream:
+            return ResponseStream(self._updates(text), finalizer=ChatResponse.from_updates)
+        return self._answer(text)
+
+    async def _answer(self, text: str) -> ChatResponse:
+        return ChatResponse(messages=[Message(role="assistant", contents=[text])],
+                            usage_details=self.hostile_usage or None, model=self.model)
+
+    async def _updates(self, text: str) -> Any:
+        contents = [Content.from_text(text)]
+        if self.hostile_usage:
+            contents.append(Content.from_usage(self.hostile_usage))  # type: ignore[arg-type]
+        yield ChatResponseUpdate(role="assistant", contents=contents, model=self.model)
+
+
+class Capturing:
+    """A ``QuotaBackend`` that builds each event exactly as ``KafkaQuotaStore.record`` does and
+    keeps it, instead of handing it to a publisher (no broker in unit tests)."""
+
+    def __init__(self, store: KafkaQuotaStore) -> None:
+        self.store = store
+        self.events: list[Any] = []
+
+    def check(self, tenant_id: str, period_key: str, quota_tokens: int) -> Decision:
+        self.store._validate_key(tenant_id, period_key)
+        return Decision(True, 0, quota_tokens)
+
+    def record(self, usage: CallUsage) -> int:
+        self.events.append(self.store.draft(fit_usage(usage)))
+        return 0
+
+
+HOSTILE_USAGE = [
+    details(-5, None, None),
+    details(None, None, None),
+    details(10, 20, 5),
+    details("12", 3.7, "nope"),
+    details(10**30, 10**30, 10**30),
+    details(True, False, None),
+    {"input_token_count": 5, "output_token_count": 5, "total_token_count": 10,
+     "cache_read_input_token_count": -3, "reasoning_output_token_count": 10**40},
+    {},
+]
+HOSTILE_MODELS = ["m" * 10_000, "\x00\x1b[2J" * 100, "x\ud800y", "é" * 257, 12345, None, ""]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_hostile_but_accepted_calls_publish_only_events_the_aggregator_decodes(stream: bool) -> None:
+    wide = "\U0001d518"
+    config = ProducerConfig(instance_id=wide * MAX_INSTANCE_CHARS, spool_dir=None)
+    attributes = {f"{i:0{MAX_ATTRIBUTE_KEY_CHARS}d}"[-MAX_ATTRIBUTE_KEY_CHARS:]: wide * MAX_ATTRIBUTE_VALUE_CHARS
+                  for i in range(MAX_ATTRIBUTES)}
+    backend = Capturing(KafkaQuotaStore(config, attributes=attributes))
+    tenants = [wide * MAX_TENANT_CHARS, "ten ant \"quoted\" \\ back", string.printable.strip()[:90]]
+    admitted = 0
+    for index, usage in enumerate(HOSTILE_USAGE):
+        for model in HOSTILE_MODELS:
+            tenant = tenants[(index + len(str(model))) % len(tenants)]
+            guard = TokenGuardMiddleware(
+                quota_store=backend, quota_tokens=MAX_QUOTA_TOKENS, user_id_getter=lambda _, t=tenant: t,
+                period_key_fn=lambda: wide * MAX_PERIOD_CHARS,
+            )
+            agent = Agent(Hostile(usage, model))
+            if stream:
+                response = agent.run("Hello there!", stream=True, middleware=[guard])
+                async for _ in response:
+                    pass
+                await response.get_final_response()
+            else:
+                await agent.run("Hello there!", middleware=[guard])
+            admitted += 1
+    assert len(backend.events) == admitted == len(HOSTILE_USAGE) * len(HOSTILE_MODELS)
+    for draft in backend.events:
+        decoded = decode_usage(encode_usage(draft))  # what the aggregator does; raises on a dead letter
+        assert (decoded.input_tokens or 0) + (decoded.output_tokens or 0) <= decoded.total_tokens
+    flagged = [draft.estimated for draft in backend.events]
+    per_usage = [flagged[i * len(HOSTILE_MODELS)] for i in range(len(HOSTILE_USAGE))]
+    assert per_usage == [True] * len(HOSTILE_USAGE), "every hostile report above is corrected, so flagged"
