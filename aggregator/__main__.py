@@ -9,6 +9,18 @@ import signal
 import sys
 from dataclasses import replace
 
+from aggregator.cli import (
+    EXIT_OK,
+    EXIT_PROBLEM,
+    OneLineParser,
+    UsageError,
+    check_connection,
+    connect_timeout,
+    connect_timeout_flag,
+    printable,
+    run,
+    usage_error,
+)
 from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
 from aggregator.verify import verify
@@ -19,17 +31,20 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topic-prefix", help="topic name prefix, default 'tokenguard.' [TOKENGUARD_TOPIC_PREFIX]")
     parser.add_argument("--group-id", help="consumer group, default 'tokenguard-aggregator' [TOKENGUARD_GROUP_ID]")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    connect_timeout_flag(parser)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, prog: str = "python -m aggregator") -> argparse.Namespace:
+    """Usage errors exit 2 with one line on stderr."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["verify"]:
-        parser = argparse.ArgumentParser(
-            prog="python -m aggregator verify",
+        parser = OneLineParser(
+            prog=prog if prog.endswith("verify") else f"{prog} verify",
             description=(
                 "Recompute totals from the usage topic by an independent code path (same validation, "
                 "every repeated event id dropped) and compare them with the aggregator's changelog. "
-                "Exit 0: no differences; 1: differences (printed); 2: the group did not catch up in time."
+                "Exit 0: no differences; 1: differences (printed), or the group did not catch up in time; "
+                "2: usage error; 3: Kafka unreachable."
             ),
         )
         _common(parser)
@@ -37,12 +52,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args = parser.parse_args(argv[1:])
         args.command = "verify"
         return args
-    parser = argparse.ArgumentParser(
-        prog="python -m aggregator",
+    parser = OneLineParser(
+        prog=prog,
         description=(
             "Consume usage events, keep exact token totals per tenant and period, and publish "
             "over-quota notices. Every flag has an environment variable; the flag wins. "
-            "'python -m aggregator verify --help' for the verifier."
+            "'python -m aggregator verify --help' for the verifier. Exit codes: 0 stopped by a signal, "
+            "1 failed while running, 2 usage error, 3 Kafka unreachable at start."
         ),
     )
     _common(parser)
@@ -60,6 +76,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def config_from_args(args: argparse.Namespace) -> AggregatorConfig:
+    """The flags over the environment; ``ValueError`` (or ``UsageError``) for an invalid value."""
+    if getattr(args, "wait_s", 0) < 0:
+        raise UsageError(f"--wait-s must be >= 0, got {args.wait_s:g}")
+    partitions = getattr(args, "partitions", None)
+    if partitions is not None and not 1 <= partitions <= 10_000:
+        raise UsageError(f"--partitions must be between 1 and 10000, got {partitions}")
+    port = getattr(args, "metrics_port", None)
+    if port is not None and not 0 < port < 65536:
+        raise UsageError(f"--metrics-port must be a TCP port (1-65535), got {port}")
     config = AggregatorConfig.from_env(
         group_id=args.group_id,
         default_limit=getattr(args, "default_limit", None),
@@ -69,7 +94,7 @@ def config_from_args(args: argparse.Namespace) -> AggregatorConfig:
     )
     if args.bootstrap_servers:
         config = replace(config, connection=replace(config.connection, bootstrap_servers=args.bootstrap_servers))
-    partitions = getattr(args, "partitions", None)
+    check_connection(config.connection)
     if args.topic_prefix or partitions:
         config = replace(
             config,
@@ -119,21 +144,29 @@ async def run_verify(config: AggregatorConfig, wait_s: float) -> int:
         f"invalid: {report.invalid or 0}; group lag: {report.lag}"
     )
     for difference in report.differences:
-        print(f"DIFFERENCE {difference}")
+        print(f"DIFFERENCE {printable(difference)}")
     print(f"differences: {len(report.differences)}")
     if report.lag > 0:
-        print(f"the aggregator group {config.group_id!r} is {report.lag} records behind; totals are not final")
-        return 2
-    return 1 if report.differences else 0
+        print(f"the aggregator group {printable(repr(config.group_id))} is {report.lag} records behind; "
+              "totals are not final")
+        return EXIT_PROBLEM
+    return EXIT_PROBLEM if report.differences else EXIT_OK
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, *, prog: str = "python -m aggregator") -> int:
+    """0 done, 1 a check found a problem (or the service failed), 2 usage error, 3 Kafka unreachable."""
+    args = parse_args(argv, prog)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+        timeout_s = connect_timeout(args)
+    except UsageError as exc:
+        return usage_error(prog, str(exc))
+    except ValueError as exc:  # AggregatorConfig's own checks, numbers in the environment
+        return usage_error(prog, f"invalid setting: {exc}")
     if args.command == "verify":
-        return asyncio.run(run_verify(config, args.wait_s))
-    return asyncio.run(serve(config))
+        return run(prog, config.connection, timeout_s, lambda: run_verify(config, args.wait_s))
+    return run(prog, config.connection, timeout_s, lambda: serve(config))
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ async def test_limits_set_get_list_delete(aggregator_config: AggregatorConfig) -
     code, out = await tokenguard(aggregator_config, "limits", "get", "acme")
     assert code == 1 and "no limit set for acme" in out
     code, out = await tokenguard(aggregator_config, "limits", "set", "acme", "--default", "--tokens", "1")
-    assert code != 0 and "not both" in out
+    assert code == 2 and "not both" in out and "Traceback" not in out
 
 
 async def test_usage_show_and_verify(producer_config: ProducerConfig, aggregator_config: AggregatorConfig) -> None:
@@ -76,8 +76,36 @@ async def test_usage_show_and_verify(producer_config: ProducerConfig, aggregator
 
 
 async def test_unreachable_kafka_is_a_clear_error(aggregator_config: AggregatorConfig) -> None:
-    code, out = await tokenguard(aggregator_config, "usage", "show", bootstrap="127.0.0.1:1")
-    assert code == 3 and "127.0.0.1:1" in out
+    for command in (("usage", "show"), ("verify",), ("aggregator",)):
+        code, out = await tokenguard(aggregator_config, *command, bootstrap="127.0.0.1:1")
+        assert code == 3 and "127.0.0.1:1" in out and out.count("\n") == 1 and "Traceback" not in out, out
+
+
+async def test_usage_show_writes_no_escape_bytes_from_the_changelog(aggregator_config: AggregatorConfig) -> None:
+    """A record on the totals topic can hold anything its writers put there: nothing of it reaches
+    the operator's terminal raw (the schema refuses such keys now; the output escapes them anyway)."""
+    from datetime import datetime, timezone
+
+    from schemas.totals import TotalsRecord
+    from schemas.wire import encode, tenant_period_key
+    from tests.helpers import send_raw
+
+    assert (await tokenguard(aggregator_config, "topics", "create"))[0] == 0
+    good = TotalsRecord(tenant_id="acme", period_key="2026-11", used_tokens=7, event_count=1, limit_tokens=100,
+                        state="ok", usage_partition=0, applied_offset=0, updated_at=datetime.now(timezone.utc))
+    hostile = "2026-11\x1b[2J\x1b]0;owned\x07"
+    raw = encode(good).replace(b'"2026-11"', b'"2026-11\\u001b[2J\\u001b]0;owned\\u0007"')
+    assert raw != encode(good)
+    await send_raw(aggregator_config.connection, aggregator_config.topics.totals, [
+        (tenant_period_key("acme", "2026-11"), encode(good)),
+        (tenant_period_key("mallory", hostile), raw.replace(b'"acme"', b'"mallory"')),
+        (tenant_period_key("eve", "x"), encode(good.model_copy(update={"tenant_id": "eve"}))[:-1]
+         + b',"period_key":"x\x1b[2J"}'),  # raw ESC bytes in the JSON, not even valid JSON
+    ])
+    for flags in ((), ("--json",)):
+        code, out = await tokenguard(aggregator_config, "usage", "show", *flags)
+        assert code == 0 and "\x1b" not in out and "\x07" not in out, out
+        assert "acme" in out and "2026-11" in out, out
 
 
 async def test_replay_rebuilds_a_corrupted_changelog(producer_config: ProducerConfig, aggregator_config: AggregatorConfig) -> None:
