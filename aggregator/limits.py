@@ -2,6 +2,11 @@
 
 At start it reads to the end before any usage is judged; afterwards each change (a new limit, or
 a tombstone that removes one) is applied at once and the affected keys are re-judged.
+
+Anyone who can write the topic can write anything to it. A record that is not a limit (a key that
+is not ours, a value that does not decode, a key naming one tenant and a value another) is
+skipped, counted and logged by the follower with its partition and offset; the records after it
+are applied as if it were not there.
 """
 
 from __future__ import annotations
@@ -27,11 +32,23 @@ log = logging.getLogger(__name__)
 OnChange = Callable[[str | None], Awaitable[None]]
 
 
+# A limits key is ["default"] or ["tenant", <id of at most 256 characters>]: JSON of this size is
+# far more than any such key takes, and bounds what parsing a hostile key can cost.
+MAX_LIMIT_KEY_BYTES = 4096
+
+
 def tenant_of_limit_key(key: bytes | None) -> tuple[bool, str | None]:
-    """(valid, tenant id or None for the default) from a limits record key."""
+    """(valid, tenant id or None for the default) from a limits record key.
+
+    Never raises: a key of deeply nested JSON (``[[[[...]]]]``) would make ``json.loads`` raise
+    ``RecursionError``, which once killed the limits follower; it is refused by its size or its
+    first bytes before it is parsed, and by the except clause if it still gets there.
+    """
+    if not key or len(key) > MAX_LIMIT_KEY_BYTES or not key.startswith(b'["'):
+        return False, None
     try:
-        parts = json.loads(key or b"")
-    except ValueError:
+        parts = json.loads(key)
+    except (ValueError, RecursionError):
         return False, None
     if parts == ["default"]:
         return True, None
@@ -50,7 +67,21 @@ class LimitsFeed:
         self._follower = TopicFollower(
             config.connection, config.topics.limits, self._take_all, client_id=f"{config.aggregator_id}-limits"
         )
-        self.invalid = 0
+
+    @property
+    def invalid(self) -> int:
+        """Records skipped: not limits, not readable, or not parseable by the Kafka client."""
+        return sum(self._follower.skipped.values())
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Skipped records per reason."""
+        return dict(self._follower.skipped)
+
+    @property
+    def failed(self) -> BaseException | None:
+        """Why following the limits topic stopped, if it did: later limits are not applied then."""
+        return self._follower.failed
 
     async def start(self) -> None:
         """Return once every limit on the topic is loaded; then follow changes."""
@@ -63,32 +94,31 @@ class LimitsFeed:
 
     async def _take_all(self, records: list[ConsumerRecord]) -> None:
         for record in records:
-            applied, tenant_id = self._take(record.key, record.value)
+            applied, tenant_id = self._take(record)
             if applied and self._loaded:
                 await self._on_change(tenant_id)
 
-    def _take(self, key: bytes | None, value: bytes | None) -> tuple[bool, str | None]:
+    def _take(self, record: ConsumerRecord) -> tuple[bool, str | None]:
         """Apply one limits record; (applied, tenant id or None for the default)."""
-        valid, tenant_id = tenant_of_limit_key(key)
+        valid, tenant_id = tenant_of_limit_key(record.key)
         if not valid:
-            self.invalid += 1
-            log.error("limits record with an unreadable key %r ignored", key)
-            return False, None
-        if value is None:
+            shown = repr(record.key[:60]) if record.key is not None else "None"
+            return self._skip(record, "invalid_key", f"key {shown} ({len(record.key or b'')} bytes)")
+        if record.value is None:
             self._limits.delete(tenant_id)
             return True, tenant_id
         try:
-            limit = decode_limit(value)
+            limit = decode_limit(record.value)
         except DecodeError as exc:
-            self.invalid += 1
-            log.error("invalid limits record for %r ignored: %s", tenant_id, exc)
-            return False, None
+            return self._skip(record, exc.reason, f"for {tenant_id!r:.80}: {exc.detail}")
         if limit.tenant_id != tenant_id:
-            self.invalid += 1
-            log.error("limits record key names %r but its value names %r; ignored", tenant_id, limit.tenant_id)
-            return False, None
+            return self._skip(record, "key_value_mismatch", f"key names {tenant_id!r:.80}, value {limit.tenant_id!r:.80}")
         self._limits.set(limit)
         return True, tenant_id
+
+    def _skip(self, record: ConsumerRecord, reason: str, detail: str) -> tuple[bool, None]:
+        self._follower.skip(partition=record.partition, offset=record.offset, reason=reason, detail=detail)
+        return False, None
 
 
 async def write_limit(connection: KafkaConnection, layout: TopicLayout, limit: QuotaLimit) -> None:

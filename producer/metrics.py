@@ -36,6 +36,14 @@ class TokenGuardCollector(Collector):
             ("send_errors", "batches Kafka did not acknowledge in time", publisher.stats.send_errors),
         ):
             yield CounterMetricFamily(f"tokenguard_publisher_{name}", text, value=value)
+        feed = self._store.feed
+        skipped = CounterMetricFamily("tokenguard_notices_skipped", "notices-topic records skipped as unreadable, per reason",
+                                      labels=["reason"])
+        for reason, count in sorted(feed.skipped.items()):
+            skipped.add_metric([reason], count)
+        yield skipped
+        yield GaugeMetricFamily("tokenguard_notices_feed_failed", "1 when following the notices topic stopped on an error",
+                                value=0 if feed.failed is None else 1)
         yield CounterMetricFamily("tokenguard_stale_decisions", "decisions made while the quota state was stale",
                                   value=self._store.stats.stale_decisions)
         blocked = sum(m.stats.blocked for m in self._middlewares)

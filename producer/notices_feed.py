@@ -35,7 +35,22 @@ class NoticesFeed:
             catch_up_s=config.catch_up_timeout_s,
             strict=False,
         )
-        self.undecodable = 0
+
+    @property
+    def undecodable(self) -> int:
+        """Records skipped because they are not a notice or heartbeat (or not parseable at all)."""
+        return sum(self._follower.skipped.values())
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Skipped records per reason."""
+        return dict(self._follower.skipped)
+
+    @property
+    def failed(self) -> BaseException | None:
+        """Why following the notices topic stopped, if it did. The snapshot then hears no more
+        heartbeats, so the staleness policy takes over within ``stale_after_s``."""
+        return self._follower.failed
 
     async def start(self) -> None:
         """Start reading; return once the topic has been read to where it ended at start."""
@@ -66,8 +81,7 @@ class NoticesFeed:
             try:
                 message = decode_notice(record.value)
             except DecodeError as exc:
-                self.undecodable += 1
-                log.warning("undecodable notice at %s:%d: %s", record.topic, record.offset, exc.reason)
+                self._follower.skip(partition=record.partition, offset=record.offset, reason=exc.reason, detail=exc.detail)
                 continue
             if isinstance(message, Heartbeat):
                 snapshot.apply_heartbeat(message)

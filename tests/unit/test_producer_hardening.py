@@ -3,20 +3,24 @@ any record. Pure rules and real ``Agent`` objects over the scripted client; no b
 
 from __future__ import annotations
 
+import logging
 import string
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 from agent_framework import Agent, ChatResponse, ChatResponseUpdate, Content, Message, ResponseStream
+from aiokafka.structs import ConsumerRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from producer import InMemoryQuotaStore, KafkaQuotaStore, ProducerConfig, TokenGuardMiddleware
+from aggregator.limits import tenant_of_limit_key
+from producer import InMemoryQuotaStore, KafkaConnection, KafkaQuotaStore, ProducerConfig, TokenGuardMiddleware
 from producer.errors import InvalidCallError, TokenGuardError
+from producer.follower import TopicFollower
 from producer.scripted import ScriptedChatClient
 from producer.store import CallUsage, Decision
 from producer.validation import (
@@ -366,3 +370,54 @@ async def test_hostile_but_accepted_calls_publish_only_events_the_aggregator_dec
     flagged = [draft.estimated for draft in backend.events]
     per_usage = [flagged[i * len(HOSTILE_MODELS)] for i in range(len(HOSTILE_USAGE))]
     assert per_usage == [True] * len(HOSTILE_USAGE), "every hostile report above is corrected, so flagged"
+
+
+# --- followers survive any record -----------------------------------------------------------
+
+
+def record(offset: int, value: bytes | None, key: bytes | None = b"k") -> ConsumerRecord:
+    return ConsumerRecord("t", 0, offset, 0, 0, key, value, None, len(key or b""), len(value or b""), [])
+
+
+def follower(handler: Callable[[list[ConsumerRecord]], Awaitable[None]]) -> TopicFollower:
+    return TopicFollower(KafkaConnection(), "t", handler, client_id="test")
+
+
+async def test_a_record_the_handler_raises_on_costs_only_itself(caplog: pytest.LogCaptureFixture) -> None:
+    taken: list[int] = []
+
+    async def handler(records: list[ConsumerRecord]) -> None:
+        for r in records:
+            if r.value == b"poison":
+                raise ValueError("cannot read this one")
+            taken.append(r.offset)
+
+    reader = follower(handler)
+    batch = [record(0, b"a"), record(1, b"poison"), record(2, b"b"), record(3, b"poison"), record(4, b"c")]
+    with caplog.at_level(logging.DEBUG, logger="producer.follower"):
+        await reader._deliver(batch)
+    assert taken[-3:] == [0, 2, 4], "every good record is applied (the ones before the failure again)"
+    assert reader.skipped == {"handler raised ValueError": 2}
+    loud = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(loud) == 1 and "t:0:1" in loud[0].getMessage(), "logged once per reason, with partition and offset"
+
+
+async def test_a_follower_that_stops_by_itself_says_so() -> None:
+    class Broken:
+        async def getmany(self, *partitions: object, timeout_ms: int = 0, max_records: int | None = None) -> dict:
+            raise RuntimeError("client bug")
+
+    async def handler(records: list[ConsumerRecord]) -> None:
+        return None
+
+    reader = follower(handler)
+    await reader._follow(Broken())  # type: ignore[arg-type]
+    assert isinstance(reader.failed, RuntimeError)
+
+
+def test_a_limits_key_of_deeply_nested_json_is_refused_without_parsing_it() -> None:
+    assert tenant_of_limit_key(b"[" * 100_000 + b"]" * 100_000) == (False, None)
+    assert tenant_of_limit_key(b'["tenant", ' + b"[" * 5_000 + b"]" * 5_000 + b"]") == (False, None)
+    assert tenant_of_limit_key(b'["tenant", "' + b"[" * 1_000 + b'"]') == (True, "[" * 1_000)
+    assert tenant_of_limit_key(b'["default"]') == (True, None)
+    assert tenant_of_limit_key(None) == (False, None)
