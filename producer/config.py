@@ -126,6 +126,9 @@ class ProducerConfig:
     # "local_only" goes on judging with the last known totals plus this process's own spend.
     stale_after_s: float = 15.0
     stale_policy: Literal["fail_open", "fail_closed", "local_only"] = "fail_open"
+    # A heartbeat or notice dated further ahead of this process's clock than this is ignored
+    # (counted): one dated 9999 would otherwise keep its partition looking fresh for ever.
+    max_clock_skew_s: float = 60.0
 
     def __post_init__(self) -> None:
         from producer.validation import check_instance_id
@@ -135,8 +138,8 @@ class ProducerConfig:
             raise ValueError(f"spool_full_policy must be 'block' or 'drop_oldest', got {self.spool_full_policy!r}")
         if self.stale_policy not in ("fail_open", "fail_closed", "local_only"):
             raise ValueError(f"stale_policy must be fail_open, fail_closed or local_only, got {self.stale_policy!r}")
-        if self.send_timeout_s <= 0 or self.stale_after_s <= 0:
-            raise ValueError("send_timeout_s and stale_after_s must be positive")
+        if self.send_timeout_s <= 0 or self.stale_after_s <= 0 or not self.max_clock_skew_s > 0:
+            raise ValueError("send_timeout_s, stale_after_s and max_clock_skew_s must be positive")
 
     def with_bootstrap(self, bootstrap_servers: str) -> ProducerConfig:
         return replace(self, connection=replace(self.connection, bootstrap_servers=bootstrap_servers))
@@ -146,7 +149,7 @@ class ProducerConfig:
         """``KAFKA_*`` for the connection, ``TOKENGUARD_TOPIC_PREFIX``, ``TOKENGUARD_PARTITIONS``,
         ``TOKENGUARD_INSTANCE_ID``, ``TOKENGUARD_IDEMPOTENCE`` (true/false), ``TOKENGUARD_SPOOL_DIR``
         (empty: no spool), ``TOKENGUARD_SPOOL_MAX_BYTES``, ``TOKENGUARD_SPOOL_FULL_POLICY``,
-        ``TOKENGUARD_STALE_AFTER_S``, ``TOKENGUARD_STALE_POLICY``."""
+        ``TOKENGUARD_STALE_AFTER_S``, ``TOKENGUARD_STALE_POLICY``, ``TOKENGUARD_MAX_CLOCK_SKEW_S``."""
         env = os.environ if env is None else env
         return cls(
             connection=KafkaConnection.from_env(env),
@@ -167,6 +170,7 @@ def _spool_and_staleness(env: Mapping[str, str]) -> dict[str, Any]:
         ("TOKENGUARD_SPOOL_FULL_POLICY", "spool_full_policy", str),
         ("TOKENGUARD_STALE_AFTER_S", "stale_after_s", float),
         ("TOKENGUARD_STALE_POLICY", "stale_policy", str),
+        ("TOKENGUARD_MAX_CLOCK_SKEW_S", "max_clock_skew_s", float),
     ):
         if env.get(name):
             values[key] = kind(env[name])

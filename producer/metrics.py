@@ -42,6 +42,14 @@ class TokenGuardCollector(Collector):
         for reason, count in sorted(feed.skipped.items()):
             skipped.add_metric([reason], count)
         yield skipped
+        ignored = CounterMetricFamily(
+            "tokenguard_notices_ignored",
+            "notices and heartbeats ignored for claiming the impossible (offset beyond the usage end, date too far ahead)",
+            labels=["reason"],
+        )
+        for reason, count in sorted(feed.ignored.items()):
+            ignored.add_metric([reason], count)
+        yield ignored
         yield GaugeMetricFamily("tokenguard_notices_feed_failed", "1 when following the notices topic stopped on an error",
                                 value=0 if feed.failed is None else 1)
         yield CounterMetricFamily("tokenguard_stale_decisions", "decisions made while the quota state was stale",

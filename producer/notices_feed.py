@@ -2,24 +2,47 @@
 
 The topic is compacted, so reading it from the beginning at start rebuilds the current state of
 every tenant-period; afterwards each notice and heartbeat updates the snapshot as it arrives.
+
+Anyone who can write the topic can write a notice, so what a record claims is bounded before it is
+believed (ACLs keep forgers out; these bounds keep a forgery from lasting):
+
+- a heartbeat or notice dated more than ``max_clock_skew_s`` ahead of this clock is ignored;
+- a notice whose ``usage_offset`` is not below its usage partition's end offset covers records that
+  do not exist: ignored. The end offsets are asked of the broker (with the follower's consumer)
+  only when a notice claims more than the highest end known, at most once a second; such a notice
+  waits for that check (a genuine one arrives just after the usage it covers, so it usually needs
+  one) while the feed goes on with the records behind it. Notices rank by offset, so applying one
+  a moment late, after others, gives the same snapshot.
+
+Ignored records are counted per reason in ``ignored``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
+from collections import Counter
 from collections.abc import Callable
 
 from aiokafka.structs import ConsumerRecord
 
 from producer.config import ProducerConfig
 from producer.follower import TopicFollower
-from producer.snapshot import QuotaSnapshot
+from producer.kafka_admin import topic_partitions
+from producer.snapshot import QuotaSnapshot, from_the_future, within_end
 from schemas.errors import DecodeError
-from schemas.notices import Heartbeat
+from schemas.notices import Heartbeat, QuotaNotice
 from schemas.wire import decode_notice
 
 log = logging.getLogger(__name__)
+
+# The broker is asked for the usage topic's end offsets at most this often.
+REFRESH_INTERVAL_S = 1.0
+# Notices waiting for that check; past this the feed waits for the check before reading on, so a
+# flood of forged notices costs a second per this many, never unbounded memory.
+MAX_PENDING = 10_000
 
 
 class NoticesFeed:
@@ -27,6 +50,9 @@ class NoticesFeed:
 
     def __init__(self, config: ProducerConfig, snapshot: QuotaSnapshot) -> None:
         self._snapshot = snapshot
+        self._connection = config.connection
+        self._usage_topic = config.topics.usage
+        self._max_clock_skew_s = config.max_clock_skew_s
         self._follower = TopicFollower(
             config.connection,
             config.topics.notices,
@@ -35,6 +61,16 @@ class NoticesFeed:
             catch_up_s=config.catch_up_timeout_s,
             strict=False,
         )
+        self._ends: dict[int, int] = {}
+        self._usage_partitions: set[int] = set()
+        self._refreshed_at = -float("inf")  # monotonic
+        self._pending: list[QuotaNotice] = []
+        self._has_pending = asyncio.Event()
+        self._checking = asyncio.Lock()
+        self._checker: asyncio.Task[None] | None = None
+        self._check_failing = False
+        self.ignored: Counter[str] = Counter()
+        self.end_offset_refreshes = 0
 
     @property
     def undecodable(self) -> int:
@@ -53,12 +89,25 @@ class NoticesFeed:
         return self._follower.failed
 
     async def start(self) -> None:
-        """Start reading; return once the topic has been read to where it ended at start."""
+        """Start reading; return once the topic has been read to where it ended at start (every
+        notice read by then checked and applied or ignored)."""
         await self._follower.start()
+        if self._pending:
+            try:
+                await self._check_pending()
+            except Exception:  # noqa: BLE001 - as with a slow catch-up: go on, the checker retries
+                log.warning("notices read at start not yet checked against the usage topic's end offsets", exc_info=True)
+        self._checker = asyncio.create_task(self._check_forever(), name="tokenguard-notices-offsets")
 
     async def stop(self) -> None:
         """Idempotent."""
+        checker, self._checker = self._checker, None
+        if checker is not None:
+            checker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await checker
         await self._follower.stop()
+        self._pending = []
 
     async def __aenter__(self) -> NoticesFeed:
         await self.start()
@@ -83,7 +132,72 @@ class NoticesFeed:
             except DecodeError as exc:
                 self._follower.skip(partition=record.partition, offset=record.offset, reason=exc.reason, detail=exc.detail)
                 continue
+            if from_the_future(message.emitted_at, time.time(), self._max_clock_skew_s):
+                self._ignore(record, "dated_in_the_future", f"emitted_at {message.emitted_at.isoformat()}")
+                continue
             if isinstance(message, Heartbeat):
                 snapshot.apply_heartbeat(message)
-            else:
+            elif within_end(message.usage_partition, message.usage_offset, self._ends):
                 snapshot.apply_notice(message)
+            else:
+                self._pending.append(message)
+                self._has_pending.set()
+                if len(self._pending) >= MAX_PENDING:
+                    await self._check_pending()
+
+    def _ignore(self, record: ConsumerRecord | None, reason: str, detail: str) -> None:
+        self.ignored[reason] += 1
+        where = f"{record.topic}:{record.partition}:{record.offset}" if record is not None else "notice"
+        level = logging.WARNING if self.ignored[reason] == 1 else logging.DEBUG
+        log.log(level, "ignored %s (%s): %s", where, reason, detail)
+
+    async def _check_forever(self) -> None:
+        while True:
+            await self._has_pending.wait()
+            try:
+                await self._check_pending()
+                self._check_failing = False
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the next round tries again; the held notices wait
+                log.log(logging.DEBUG if self._check_failing else logging.WARNING,
+                        "checking notices against the usage topic's end offsets failed; retrying", exc_info=True)
+                self._check_failing = True
+            self._follower.batches.set()  # waiters re-check the snapshot
+
+    async def _check_pending(self) -> None:
+        """Ask the broker for the usage topic's end offsets (at most once a second), then apply the
+        held notices that are within them and ignore the rest."""
+        async with self._checking:
+            if not self._pending:
+                self._has_pending.clear()
+                return
+            wait = self._refreshed_at + REFRESH_INTERVAL_S - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)  # the rate limit on asking the broker
+            held, self._pending = self._pending, []
+            self._has_pending.clear()
+            self._refreshed_at = time.monotonic()
+            try:
+                await self._refresh_ends({notice.usage_partition for notice in held})
+            except Exception:
+                self._pending = held + self._pending  # not judged: kept for the next round
+                self._has_pending.set()
+                raise
+            for notice in held:
+                if within_end(notice.usage_partition, notice.usage_offset, self._ends):
+                    self._snapshot.apply_notice(notice)
+                else:
+                    end = self._ends.get(notice.usage_partition)
+                    self._ignore(None, "offset_beyond_end", (
+                        f"{notice.tenant_id!r:.80}/{notice.period_key!r:.40} claims usage offset {notice.usage_offset} "
+                        f"of partition {notice.usage_partition}, whose end is {end}"
+                    ))
+
+    async def _refresh_ends(self, partitions: set[int]) -> None:
+        if not partitions <= self._usage_partitions:
+            self._usage_partitions = set(await topic_partitions(self._connection, self._usage_topic))
+        ends = await self._follower.end_offsets(self._usage_topic, sorted(self._usage_partitions))
+        self.end_offset_refreshes += 1
+        for partition, end in ends.items():
+            self._ends[partition] = max(end, self._ends.get(partition, 0))

@@ -11,10 +11,28 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from producer.store import Decision
 from schemas.notices import Heartbeat, QuotaNotice
+
+
+def within_end(usage_partition: int, usage_offset: int, ends: Mapping[int, int]) -> bool:
+    """Whether a notice's ``usage_offset`` can be real: below its usage partition's end offset
+    (the offset the next record will get). A notice "covering" records that do not exist yet is
+    forged or corrupt, and would outrank every genuine notice until the partition got that far
+    (2**62: never). A partition missing from ``ends`` is not known to exist: not within."""
+    end = ends.get(usage_partition)
+    return end is not None and usage_offset < end
+
+
+def from_the_future(emitted_at: datetime, now: float, max_clock_skew_s: float) -> bool:
+    """Whether a heartbeat or notice is dated further ahead of ``now`` (epoch seconds) than clocks
+    can disagree. Staleness is measured from ``emitted_at``, so one dated 9999 would keep its
+    partition fresh for ever, and notices rank by it among equal offsets."""
+    return emitted_at.timestamp() - now > max_clock_skew_s
 
 
 @dataclass(slots=True)

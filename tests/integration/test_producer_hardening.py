@@ -3,20 +3,32 @@ bounded, and every event the store publishes readable by the aggregator."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
 
 import pytest
+from agent_framework import Agent
+from aiokafka import AIOKafkaProducer
 
 from aggregator.config import AggregatorConfig
 from aggregator.limits import LimitsFeed, write_limit
 from aggregator.state import Limits
-from producer import ProducerConfig, ensure_topics
+from producer import KafkaQuotaStore, ProducerConfig, TokenGuardMiddleware, ensure_topics
 from producer.notices_feed import NoticesFeed
 from producer.snapshot import QuotaSnapshot
+from producer.validation import (
+    MAX_ATTRIBUTE_VALUE_CHARS,
+    MAX_ATTRIBUTES,
+    MAX_INSTANCE_CHARS,
+    MAX_PERIOD_CHARS,
+    MAX_QUOTA_TOKENS,
+    MAX_TENANT_CHARS,
+)
 from schemas.limits import QuotaLimit
-from schemas.notices import QuotaNotice
-from schemas.wire import encode, limit_key, tenant_period_key
-from tests.helpers import eventually, send_raw, send_with_raw_header_name
+from schemas.notices import Heartbeat, QuotaNotice
+from schemas.wire import decode_usage_record, encode, heartbeat_key, limit_key, tenant_period_key, usage_key
+from tests.helpers import eventually, make_event, read_topic, send_raw, send_with_raw_header_name
+from tests.unit.test_producer_hardening import HOSTILE_MODELS, HOSTILE_USAGE, Hostile
 
 pytestmark = pytest.mark.integration
 
@@ -106,3 +118,111 @@ async def test_the_notices_feed_survives_garbage_notices(producer_config: Produc
         assert feed.skipped == {"invalid_json": 4, "invalid_schema": 4, "unreadable": 2}, feed.skipped
     finally:
         await feed.stop()
+
+
+# --- control records bounded ----------------------------------------------------------------
+
+
+def acme_notice(state: str, offset: int, *, partition: int, used: int, limit_tokens: int = 500) -> QuotaNotice:
+    return QuotaNotice(
+        tenant_id="acme", period_key="2026-04", state=state, used_tokens=used, limit_tokens=limit_tokens,  # type: ignore[arg-type]
+        usage_partition=partition, usage_offset=offset, aggregator_id="agg", emitted_at=datetime.now(timezone.utc),
+    )
+
+
+async def real_usage_offset(config: ProducerConfig, tenant: str) -> tuple[int, int]:
+    """(partition, offset) of a usage record really on the topic, as a genuine notice covers."""
+    producer = AIOKafkaProducer(**config.connection.client_kwargs(), acks="all")
+    await producer.start()
+    try:
+        meta = await producer.send_and_wait(config.topics.usage, encode(make_event(tenant, 600)), key=usage_key(tenant))
+    finally:
+        await producer.stop()
+    return meta.partition, meta.offset
+
+
+async def test_a_notice_claiming_an_offset_beyond_the_usage_end_never_outranks_genuine_ones(
+    producer_config: ProducerConfig,
+) -> None:
+    await ensure_topics(producer_config.connection, producer_config.topics)
+    partition, offset = await real_usage_offset(producer_config, "acme")
+    key = tenant_period_key("acme", "2026-04")
+    forged = acme_notice("ok", 2**62, partition=partition, used=0, limit_tokens=10**15)
+    # Before the feed starts (read at catch-up), then the genuine notice the aggregator would send.
+    await send_raw(producer_config.connection, producer_config.topics.notices, [
+        (key, encode(forged)), (key, encode(acme_notice("warning", offset - 1 if offset else -1, partition=partition, used=450))),
+    ])
+    snapshot = QuotaSnapshot()
+    feed = NoticesFeed(producer_config, snapshot)
+    await feed.start()
+    try:
+        held = snapshot.notice("acme", "2026-04")
+        assert held is not None and held.state == "warning", "the forged 'ok' was not taken at start"
+        assert feed.ignored == {"offset_beyond_end": 1}
+        # While following: a forged 'ok' again, then the genuine 'exceeded' covering the real record.
+        await send_raw(producer_config.connection, producer_config.topics.notices, [
+            (key, encode(forged)), (key, encode(acme_notice("exceeded", offset, partition=partition, used=1_050))),
+        ])
+        await feed.wait_until(lambda s: s.notice("acme", "2026-04").state == "exceeded", 30)  # type: ignore[union-attr]
+        assert not snapshot.decide("acme", "2026-04", 10**15).allowed
+        await eventually(lambda: feed.ignored["offset_beyond_end"] == 2, 10, "the second forgery ignored")
+        assert snapshot.notice("acme", "2026-04").state == "exceeded"  # type: ignore[union-attr]
+    finally:
+        await feed.stop()
+
+
+async def test_a_heartbeat_dated_9999_does_not_keep_a_partition_fresh(producer_config: ProducerConfig) -> None:
+    config = replace(producer_config, stale_after_s=5.0, stale_policy="fail_closed")
+    await ensure_topics(config.connection, config.topics)
+    async with KafkaQuotaStore(config) as store:
+        partition = store.publisher.partition_of("acme")
+        now = datetime.now(timezone.utc)
+        old = Heartbeat(usage_partition=partition, usage_offset=-1, aggregator_id="agg", emitted_at=now - timedelta(seconds=60))
+        forged = Heartbeat(usage_partition=partition, usage_offset=-1, aggregator_id="forger", emitted_at=now.replace(year=9999))
+        await send_raw(config.connection, config.topics.notices, [
+            (heartbeat_key(partition), encode(old)), (heartbeat_key(partition), encode(forged)),
+        ])
+        await eventually(lambda: store.feed.ignored["dated_in_the_future"] == 1, 30, "the forged heartbeat read")
+        age = store.snapshot.heartbeat_age(partition)
+        assert age is not None and age >= 60, "the partition's age comes from the genuine (old) heartbeat"
+        decision = store.check("acme", "2026-04", 10**6)
+        assert not decision.allowed and decision.reason == "quota_state_stale"
+        fresh = Heartbeat(usage_partition=partition, usage_offset=-1, aggregator_id="agg", emitted_at=datetime.now(timezone.utc))
+        await send_raw(config.connection, config.topics.notices, [(heartbeat_key(partition), encode(fresh))])
+        await eventually(lambda: (store.snapshot.heartbeat_age(partition) or 99) < 5, 30, "a genuine heartbeat heard")
+        assert store.check("acme", "2026-04", 10**6).allowed
+
+
+# --- nothing the fleet admits is dead-lettered for its shape ---------------------------------
+
+
+async def test_every_event_the_store_publishes_for_hostile_calls_is_one_the_aggregator_reads(
+    producer_config: ProducerConfig,
+) -> None:
+    wide = "\U0001d518"
+    config = replace(producer_config, instance_id=wide * MAX_INSTANCE_CHARS)
+    attributes = {f"k{i:02d}": wide * MAX_ATTRIBUTE_VALUE_CHARS for i in range(MAX_ATTRIBUTES)}
+    calls = 0
+    async with KafkaQuotaStore(config, attributes=attributes) as store:
+        for stream in (False, True):
+            for usage in HOSTILE_USAGE:
+                for model in HOSTILE_MODELS:
+                    guard = TokenGuardMiddleware(
+                        quota_store=store, quota_tokens=MAX_QUOTA_TOKENS, user_id_getter=lambda _: wide * MAX_TENANT_CHARS,
+                        period_key_fn=lambda: "P" * MAX_PERIOD_CHARS,
+                    )
+                    agent = Agent(Hostile(usage, model))
+                    if stream:
+                        response = agent.run("Hello!", stream=True, middleware=[guard])
+                        async for _ in response:
+                            pass
+                        await response.get_final_response()
+                    else:
+                        await agent.run("Hello!", middleware=[guard])
+                    calls += 1
+        await store.publisher.flush(30)
+    records = await read_topic(config.connection, config.topics.usage)
+    assert len(records) == calls
+    for record in records:
+        event = decode_usage_record(record.key, record.value)  # the aggregator's check; raises on a dead letter
+        assert (event.input_tokens or 0) + (event.output_tokens or 0) <= event.total_tokens

@@ -15,12 +15,14 @@ from agent_framework import Agent, ChatResponse, ChatResponseUpdate, Content, Me
 from aiokafka.structs import ConsumerRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import ValidationError
 
 from aggregator.limits import tenant_of_limit_key
 from producer import InMemoryQuotaStore, KafkaConnection, KafkaQuotaStore, ProducerConfig, TokenGuardMiddleware
 from producer.errors import InvalidCallError, TokenGuardError
 from producer.follower import TopicFollower
+from producer.metrics import register_metrics
 from producer.scripted import ScriptedChatClient
 from producer.store import CallUsage, Decision
 from producer.validation import (
@@ -421,3 +423,29 @@ def test_a_limits_key_of_deeply_nested_json_is_refused_without_parsing_it() -> N
     assert tenant_of_limit_key(b'["tenant", "' + b"[" * 1_000 + b'"]') == (True, "[" * 1_000)
     assert tenant_of_limit_key(b'["default"]') == (True, None)
     assert tenant_of_limit_key(None) == (False, None)
+
+
+# --- control-record bounds: configuration and metrics ---------------------------------------
+
+
+def test_max_clock_skew_is_configurable_from_the_environment() -> None:
+    assert ProducerConfig(spool_dir=None).max_clock_skew_s == 60.0
+    assert ProducerConfig.from_env({"TOKENGUARD_MAX_CLOCK_SKEW_S": "5.5"}).max_clock_skew_s == 5.5
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="max_clock_skew_s"):
+            ProducerConfig(max_clock_skew_s=bad, spool_dir=None)
+
+
+def test_ignored_and_skipped_control_records_and_callback_timeouts_are_metrics() -> None:
+    store = KafkaQuotaStore(ProducerConfig(spool_dir=None))
+    guard = TokenGuardMiddleware(quota_store=store, quota_tokens=1)
+    store.feed.ignored["offset_beyond_end"] += 2
+    store.feed._follower.skipped["invalid_json"] += 3
+    guard.stats.callback_timeouts += 1
+    registry = CollectorRegistry()
+    register_metrics(store, guard, registry=registry)
+    text = generate_latest(registry).decode()
+    assert 'tokenguard_notices_ignored_total{reason="offset_beyond_end"} 2.0' in text
+    assert 'tokenguard_notices_skipped_total{reason="invalid_json"} 3.0' in text
+    assert "tokenguard_notices_feed_failed 0.0" in text
+    assert "tokenguard_callback_timeouts_total 1.0" in text

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from producer.snapshot import QuotaSnapshot
+from producer.snapshot import QuotaSnapshot, from_the_future, within_end
 from schemas.notices import Heartbeat, QuotaNotice
 
 T0 = datetime(2026, 4, 14, tzinfo=timezone.utc)
@@ -78,3 +78,21 @@ def test_heartbeat_age_is_measured_from_the_aggregator_timestamp() -> None:
     older = Heartbeat(usage_partition=0, usage_offset=1, aggregator_id="agg", emitted_at=T0 - timedelta(seconds=9))
     snap.apply_heartbeat(older)  # read back late from the compacted topic: ignored
     assert snap.heartbeat_age(0, now=T0.timestamp() + 2.5) == 2.5
+
+
+def test_a_notice_offset_must_be_below_its_partitions_end() -> None:
+    ends = {0: 10, 1: 0}
+    assert within_end(0, 9, ends) and within_end(0, -1, ends), "-1: the notice covers nothing yet"
+    assert not within_end(0, 10, ends), "offset 10 is the next record's: it does not exist yet"
+    assert not within_end(0, 2**62, ends)
+    assert within_end(1, -1, ends) and not within_end(1, 0, ends)
+    assert not within_end(2, -1, ends), "a partition not known to exist"
+
+
+def test_a_date_further_ahead_than_the_clock_skew_is_from_the_future() -> None:
+    now = T0.timestamp()
+    assert not from_the_future(T0, now, 60)
+    assert not from_the_future(T0 + timedelta(seconds=60), now, 60)
+    assert from_the_future(T0 + timedelta(seconds=61), now, 60)
+    assert from_the_future(T0.replace(year=9999), now, 60)
+    assert not from_the_future(T0 - timedelta(days=365), now, 60), "old ones are merely old: staleness handles them"
