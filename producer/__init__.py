@@ -6,7 +6,7 @@ The seed's names (``TokenGuardMiddleware``, ``QuotaStore``, ``InMemoryQuotaStore
 """
 
 from producer.config import KafkaConnection, ProducerConfig
-from producer.errors import PublisherError, QuotaExceededError, TokenGuardError
+from producer.errors import InvalidCallError, PublisherError, QuotaExceededError, TokenGuardError
 from producer.kafka_admin import TopicMismatchError, ensure_topics
 from producer.kafka_store import KafkaQuotaStore
 from producer.middleware import TokenGuardMiddleware
@@ -20,6 +20,7 @@ __all__ = [
     "CallUsage",
     "Decision",
     "InMemoryQuotaStore",
+    "InvalidCallError",
     "KafkaConnection",
     "KafkaQuotaStore",
     "ProducerConfig",

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import SecretStr
 
+from producer.validation import MAX_INSTANCE_CHARS, check_instance_id
 from schemas.topics import DEFAULT_PREFIX, TopicLayout
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -88,8 +89,6 @@ def flag_from_env(env: Mapping[str, str], name: str, default: bool) -> bool:
 
 def default_instance_id() -> str:
     """``<host>-<pid>``, the host name cut so the whole fits the usage schema's instance id."""
-    from producer.validation import MAX_INSTANCE_CHARS
-
     suffix = f"-{os.getpid()}"
     host = "".join(c for c in socket.gethostname() if c.isprintable()) or "host"
     return host[: MAX_INSTANCE_CHARS - len(suffix)] + suffix
@@ -131,8 +130,6 @@ class ProducerConfig:
     max_clock_skew_s: float = 60.0
 
     def __post_init__(self) -> None:
-        from producer.validation import check_instance_id
-
         check_instance_id(self.instance_id)  # in every usage event: one the aggregator would refuse loses them all
         if self.spool_full_policy not in ("block", "drop_oldest"):
             raise ValueError(f"spool_full_policy must be 'block' or 'drop_oldest', got {self.spool_full_policy!r}")

@@ -42,10 +42,13 @@ class TokenGuardMiddleware(ChatMiddleware):
         quota_store: A seed-style ``QuotaStore`` (``get_usage``/``add_usage``) or a ``QuotaBackend``
             such as ``KafkaQuotaStore``.
         quota_tokens: Tokens allowed per tenant and period, unless the limits topic sets another.
+            Within the usage schema's bound (``ValueError`` / ``TypeError`` otherwise).
         on_usage: Called after every call with the seed's usage record (plus ``estimated``). Optional
             when ``quota_store`` is a ``KafkaQuotaStore``, which publishes every call itself.
         user_id_getter: Maps a ``ChatContext`` to the tenant whose quota the call spends.
-        period_key_fn: Returns the current period key (``month_key`` by default).
+        period_key_fn: Returns the current period key (``month_key`` by default). A tenant id or
+            period key the usage schema would refuse (length, control characters, not a str) is
+            an ``InvalidCallError`` before the LLM is called: its usage could never be counted.
         on_quota_exceeded: Called with the seed's alert payload before ``QuotaExceededError`` is raised.
         on_quota_warning: Called once per tenant and period when usage first reaches
             ``warning_ratio`` of the limit.
@@ -116,7 +119,7 @@ class TokenGuardMiddleware(ChatMiddleware):
         tenant_id = self.user_id_getter(context)
         period_key = self.period_key_fn()
         key = (tenant_id, period_key)
-        if key not in self._valid_keys:
+        if type(tenant_id) is not str or type(period_key) is not str or key not in self._valid_keys:
             self._check_keys(key)
         decision = self._backend.check(tenant_id, period_key, self.quota_tokens)
         needs_estimate = self.reserve_in_flight or self.clamp_max_tokens

@@ -143,7 +143,11 @@ class NoticesFeed:
                 self._pending.append(message)
                 self._has_pending.set()
                 if len(self._pending) >= MAX_PENDING:
-                    await self._check_pending()
+                    try:
+                        await self._check_pending()
+                    except Exception:  # noqa: BLE001 - kept held; the checker task retries
+                        log.warning("checking %d held notices against the usage end offsets failed", len(self._pending),
+                                    exc_info=True)
 
     def _ignore(self, record: ConsumerRecord | None, reason: str, detail: str) -> None:
         self.ignored[reason] += 1

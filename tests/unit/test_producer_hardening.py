@@ -176,6 +176,9 @@ async def test_a_period_key_fn_returning_a_non_string_is_refused_before_the_llm(
     guard = TokenGuardMiddleware(quota_store=InMemoryQuotaStore(), quota_tokens=10**6, period_key_fn=lambda: 202604)  # type: ignore[arg-type, return-value]
     with pytest.raises(InvalidCallError, match="period key"):
         await Agent(client).run("Hello!", middleware=[guard])
+    unhashable = TokenGuardMiddleware(quota_store=InMemoryQuotaStore(), quota_tokens=10**6, user_id_getter=lambda _: ["acme"])  # type: ignore[arg-type, return-value]
+    with pytest.raises(InvalidCallError, match="tenant id"):
+        await Agent(client).run("Hello!", middleware=[unhashable])
     assert client.calls == 0
 
 
