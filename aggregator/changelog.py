@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from aggregator.errors import RestoreError
-from aggregator.intake import accept
+from aggregator.intake import accept, expected_partition
 from producer.config import KafkaConnection
 from producer.kafka_admin import close_consumer, start_consumer, topic_partitions
 from schemas.errors import DecodeError
@@ -100,13 +100,18 @@ async def end_offsets(connection: KafkaConnection, topic: str) -> dict[int, int]
     return {tp.partition: offset for tp, offset in ends.items()}
 
 
-def admissible(record: ConsumerRecord, totals: TotalsRecord, usage_ends: dict[int, int] | None) -> str | None:
+def admissible(
+    record: ConsumerRecord, totals: TotalsRecord, usage_ends: dict[int, int] | None, partition_count: int | None
+) -> str | None:
     """Why a decoded changelog record cannot be state, or None. A record that claims to have
     applied usage beyond its partition's end (forged, or from another cluster) would make every
-    later event of its key look like a replay: the tenant frozen for good."""
+    later event of its key look like a replay: the tenant frozen for good. So would one on a
+    partition other than its tenant's, which the aggregator of that partition would restore."""
     if record.key != tenant_period_key(totals.tenant_id, totals.period_key):
         return "key_mismatch"
     if totals.usage_partition != record.partition:
+        return "wrong_partition"
+    if partition_count and expected_partition(totals.tenant_id.encode(), partition_count) != record.partition:
         return "wrong_partition"
     if usage_ends is not None and totals.applied_offset >= usage_ends.get(totals.usage_partition, 0):
         return "offset_beyond_end"
@@ -119,6 +124,7 @@ async def read_changelog(
     partitions: Iterable[int] | None = None,
     *,
     usage_ends: dict[int, int] | None = None,
+    partition_count: int | None = None,
     rejected: Counter[str] | None = None,
 ) -> dict[tuple[str, str], TotalsRecord]:
     """The state per (tenant, period) in ``partitions`` (all when None).
@@ -127,7 +133,8 @@ async def read_changelog(
     tie: a limit change or a replay rewrites a key at the same offset). Each record is the exact
     sum of its key's events up to its offset, so the furthest one is the most complete, even when a
     member that lost its partitions (a zombie) wrote after the new owner did. Records that cannot be
-    state (see ``admissible``; pass ``usage_ends`` to bound offsets) are counted in ``rejected``.
+    state (see ``admissible``; pass ``usage_ends`` to bound offsets and ``partition_count`` to check
+    each tenant's partition) are counted in ``rejected``.
     """
     if partitions is None:
         partitions = await topic_partitions(connection, topic)
@@ -148,7 +155,7 @@ async def read_changelog(
                     log.error("undecodable totals record at %s:%d:%d: %s", topic, record.partition, record.offset, exc)
                 rejected[exc.reason] += 1
                 continue
-            why = admissible(record, totals, usage_ends)
+            why = admissible(record, totals, usage_ends, partition_count)
             if why is not None:
                 if rejected[why] == 0:
                     log.error("ignoring totals record at %s:%d:%d: %s", topic, record.partition, record.offset, why)

@@ -10,7 +10,6 @@ itself lost. ACLs (README, ``tokenguard acls``) keep forgers out; this keeps the
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -20,7 +19,7 @@ from aggregator.config import AggregatorConfig
 from producer.follower import TopicFollower
 from schemas.errors import DecodeError
 from schemas.notices import QuotaNotice
-from schemas.wire import decode_notice
+from schemas.wire import decode_notice, parse_tenant_period_key
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +30,6 @@ Said = tuple[str, int]
 INVALID: Said = ("invalid", -1)
 
 OnSeen = Callable[[list[Key]], Awaitable[None]]
-
-
-def key_of(record_key: bytes | None) -> Key | None:
-    """(tenant, period) from a notices record key; None for heartbeats and unreadable keys."""
-    try:
-        parts = json.loads(record_key or b"")
-    except (ValueError, RecursionError):
-        return None
-    if isinstance(parts, list) and len(parts) == 2 and all(isinstance(p, str) for p in parts):
-        return parts[0], parts[1]
-    return None
 
 
 class NoticesWatch:
@@ -68,7 +56,7 @@ class NoticesWatch:
     async def _take(self, records: list[ConsumerRecord]) -> None:
         changed = []
         for record in records:
-            key = key_of(record.key)
+            key = parse_tenant_period_key(record.key)
             if key is None:
                 continue
             if record.value is None:

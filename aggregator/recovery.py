@@ -42,7 +42,8 @@ async def restore(
     numbers = {tp.partition for tp in tps}
     usage_ends = {tp.partition: end for tp, end in (await consumer.end_offsets(list(tps))).items()}
     changelog = await read_changelog(
-        config.connection, config.topics.totals, numbers, usage_ends=usage_ends, rejected=result.rejected
+        config.connection, config.topics.totals, numbers,
+        usage_ends=usage_ends, partition_count=partitions, rejected=result.rejected,
     )
     for record in changelog.values():
         state.restore(record)

@@ -255,13 +255,13 @@ class AggregatorService:
             if remaining <= 0:
                 break
             try:
-                more, unreadable = await asyncio.wait_for(
-                    getmany_safe(
-                        consumer, timeout_ms=max(1, int(remaining * 1000)), max_records=self.config.batch_max - count
-                    ),
-                    remaining + 1.0,
+                more, unreadable = await getmany_safe(
+                    consumer,
+                    timeout_ms=max(1, int(remaining * 1000)),
+                    max_records=self.config.batch_max - count,
+                    bound_s=remaining + 1.0,
                 )
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
             if not more and not unreadable:
                 break
@@ -272,29 +272,37 @@ class AggregatorService:
         return polls
 
     async def _apply_poll(self, batches: dict[TopicPartition, list[ConsumerRecord]], unreadable: list[Unreadable]) -> None:
-        """Apply one poll's records of owned partitions; drop the rest (see the module docstring)."""
+        """Apply one poll's records of owned partitions, in offset order; drop the rest (see the
+        module docstring). Records the client could not parse are dead-lettered in their place."""
         checkpoint = self._checkpoint
         assert checkpoint is not None
+        skipped_in: dict[TopicPartition, list[Unreadable]] = {}
         for skipped in unreadable:
-            tp = TopicPartition(skipped.topic, skipped.partition)
-            if skipped.partition not in self._owned or skipped.offset < self._next.get(tp, 0):
-                continue
-            self.stats.unreadable_records += 1
-            await self._dead_letter_unreadable(skipped)
-            self.state.mark_position(skipped.partition, skipped.offset)
-            self._next[tp] = skipped.offset + 1
-            checkpoint.advance(tp, skipped.offset + 1)
-        for tp, records in batches.items():
-            if not records or tp.partition not in self._owned:
+            skipped_in.setdefault(TopicPartition(skipped.topic, skipped.partition), []).append(skipped)
+        for tp in batches.keys() | skipped_in.keys():
+            if tp.partition not in self._owned:
                 continue
             expected = self._next.get(tp, 0)
-            if records[0].offset < expected:
-                records = [record for record in records if record.offset >= expected]
-                if not records:
-                    continue
-            await self._apply(tp, records)
-            self._next[tp] = records[-1].offset + 1
-            checkpoint.advance(tp, records[-1].offset + 1)
+            records = [record for record in batches.get(tp, []) if record.offset >= expected]
+            bad = sorted((s for s in skipped_in.get(tp, []) if s.offset >= expected), key=lambda s: s.offset)
+            if not records and not bad:
+                continue
+            start = 0
+            for skipped in bad:
+                end = start
+                while end < len(records) and records[end].offset < skipped.offset:
+                    end += 1
+                if end > start:
+                    await self._apply(tp, records[start:end])
+                start = end
+                self.stats.unreadable_records += 1
+                await self._dead_letter_unreadable(skipped)
+                self.state.mark_position(tp.partition, skipped.offset)
+            if start < len(records):
+                await self._apply(tp, records[start:])
+            last = max(records[-1].offset if records else -1, bad[-1].offset if bad else -1)
+            self._next[tp] = last + 1
+            checkpoint.advance(tp, last + 1)
 
     async def _apply(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
         state, stats, partitions = self.state, self.stats, self._partitions
@@ -334,8 +342,9 @@ class AggregatorService:
         """A record the Kafka client cannot parse: its bytes are not to be had through this client,
         so the dead letter names where it is, for an operator to read with another tool."""
         assert self._checkpoint is not None
+        # An empty value, not None: Kafka needs a key or a value, and this record has neither here.
         letter = dead_letter(
-            key=None, value=None, headers=[], reason="unreadable_record", detail=skipped.error,
+            key=None, value=b"", headers=[], reason="unreadable_record", detail=skipped.error,
             topic=skipped.topic, partition=skipped.partition, offset=skipped.offset,
             aggregator_id=self.config.aggregator_id,
         )

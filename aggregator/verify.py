@@ -150,7 +150,10 @@ async def verify(
             recompute.add(record)
     expected = recompute.totals()
     usage_ends = await end_offsets(connection, layout.usage)
-    actual = await read_changelog(connection, layout.totals, usage_ends=usage_ends, rejected=report.changelog_rejected)
+    actual = await read_changelog(
+        connection, layout.totals, usage_ends=usage_ends, partition_count=len(partitions),
+        rejected=report.changelog_rejected,
+    )
     report.records = recompute.records
     report.keys = len(expected)
     report.events = sum(t.events for t in expected.values())

@@ -34,7 +34,7 @@ from producer.kafka_admin import topic_partitions
 from producer.snapshot import QuotaSnapshot, from_the_future, within_end
 from schemas.errors import DecodeError
 from schemas.notices import Heartbeat, QuotaNotice
-from schemas.wire import decode_notice
+from schemas.wire import decode_notice, parse_tenant_period_key
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,9 @@ class NoticesFeed:
     async def _take(self, records: list[ConsumerRecord]) -> None:
         snapshot = self._snapshot
         for record in records:
+            if record.value is None:
+                self._tombstone(record.key)
+                continue
             try:
                 message = decode_notice(record.value)
             except DecodeError as exc:
@@ -148,6 +151,14 @@ class NoticesFeed:
                     except Exception:  # noqa: BLE001 - kept held; the checker task retries
                         log.warning("checking %d held notices against the usage end offsets failed", len(self._pending),
                                     exc_info=True)
+
+    def _tombstone(self, key: bytes | None) -> None:
+        """An aggregator removed a notice it found no owner of (a forged one, usually)."""
+        parsed = parse_tenant_period_key(key)
+        if parsed is None:
+            return
+        self._pending = [n for n in self._pending if (n.tenant_id, n.period_key) != parsed]
+        self._snapshot.forget_notice(*parsed)
 
     def _ignore(self, record: ConsumerRecord | None, reason: str, detail: str) -> None:
         self.ignored[reason] += 1

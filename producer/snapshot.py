@@ -113,17 +113,28 @@ class QuotaSnapshot:
         entry.acked_tokens += tokens
 
     def apply_notice(self, notice: QuotaNotice) -> bool:
-        """Take a notice unless an equally recent or newer one is already held. True if taken."""
+        """Take a notice unless the one held covers more of the usage partition. True if taken.
+
+        At the same offset the notice read last wins: one key's notices are in one partition of
+        the notices topic, so reading order is writing order, and an aggregator's correction of a
+        forged notice is written after it (a forged ``emitted_at`` must not outrank it)."""
         entry = self._entry(notice.tenant_id, notice.period_key)
         held = entry.notice
         if held is not None and held.usage_partition == notice.usage_partition:
-            if (notice.usage_offset, notice.emitted_at) < (held.usage_offset, held.emitted_at):
+            if notice.usage_offset < held.usage_offset:
                 return False
         entry.notice = notice
         entry.forget_covered()
         self.notices_applied += 1
         self._heard(notice.usage_partition, notice.usage_offset, notice.emitted_at.timestamp())
         return True
+
+    def forget_notice(self, tenant_id: str, period_key: str) -> None:
+        """The notice of a tenant-period was removed (a tombstone): the aggregator holds no usage
+        for it, so decisions fall back to the default limit and this process's own spend."""
+        entry = self._entries.get((tenant_id, period_key))
+        if entry is not None:
+            entry.notice = None
 
     def apply_heartbeat(self, heartbeat: Heartbeat) -> None:
         self._heard(heartbeat.usage_partition, heartbeat.usage_offset, heartbeat.emitted_at.timestamp())

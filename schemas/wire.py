@@ -190,6 +190,21 @@ def tenant_period_key(tenant_id: str, period_key: str) -> bytes:
     return _pack(tenant_id, period_key)
 
 
+def parse_tenant_period_key(key: bytes | None) -> tuple[str, str] | None:
+    """(tenant, period) from a totals or notices key; None for any other key (a heartbeat's, or
+    bytes no writer of ours produces: a hostile key must not cost more than its size to refuse)."""
+    if key is None or len(key) > 4096 or not key.startswith(b'["'):
+        return None
+    try:
+        parts = json.loads(key)
+    except (ValueError, RecursionError):
+        return None
+    # Printable only, as the models require: no lone surrogates (they cannot be encoded again).
+    if isinstance(parts, list) and len(parts) == 2 and all(isinstance(p, str) and p.isprintable() for p in parts):
+        return parts[0], parts[1]
+    return None
+
+
 def heartbeat_key(usage_partition: int) -> bytes:
     # A tenant-period key is two strings; an int second element can never collide with one.
     return _pack("heartbeat", usage_partition)

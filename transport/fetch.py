@@ -10,11 +10,13 @@ them.
 ``getmany_safe`` turns that into data: it puts every fetched partition back where the caller last
 saw it, finds the partition and offset the client cannot parse by reading one record at a time,
 reports it as ``Unreadable`` and moves past it. Every other record is returned exactly once, in
-order. The slow path runs only after a failure.
+order. The slow path runs only after a failure. Records drained from other partitions by the call that
+failed are not lost either: every partition is put back where it was before that call.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import struct
 from dataclasses import dataclass
@@ -50,15 +52,44 @@ async def getmany_safe(
     *partitions: TopicPartition,
     timeout_ms: int = 0,
     max_records: int | None = None,
+    bound_s: float | None = None,
 ) -> tuple[Records, list[Unreadable]]:
-    """``consumer.getmany(...)``, plus the records it had to skip because they cannot be parsed."""
+    """``consumer.getmany(...)``, plus the records it had to skip because they cannot be parsed.
+
+    ``bound_s`` bounds the ordinary call (``TimeoutError`` after it: aiokafka's ``getmany`` ignores
+    its own timeout while a group has no assignment). It never cuts the isolation short: that has
+    moved positions, and stopping it half way would lose what it read."""
+    before = _positions(consumer)
     try:
-        return await consumer.getmany(*partitions, timeout_ms=timeout_ms, max_records=max_records), []
+        call = consumer.getmany(*partitions, timeout_ms=timeout_ms, max_records=max_records)
+        return (await (call if bound_s is None else asyncio.wait_for(call, bound_s))), []
     except Exception as exc:
         if not _is_parse_error(exc):
             raise
         log.warning("a fetched record cannot be parsed (%s: %s); isolating it", type(exc).__name__, exc)
+    # The failed call may have consumed other partitions' records too (they were drained before
+    # the bad one, then dropped with the exception): every partition goes back to where it was.
+    for tp, position in before.items():
+        consumer.seek(tp, position)
     return await _isolate(consumer, partitions)
+
+
+def _positions(consumer: AIOKafkaConsumer) -> dict[TopicPartition, int]:
+    """Each assigned, fetchable partition's position, without waiting for any.
+
+    Reads aiokafka's subscription state directly (pinned below 0.15; ``tests/integration/
+    test_transport_fetch.py`` fails if that changes): ``position()`` is a coroutine that waits for
+    partitions being reset, and this runs before every poll."""
+    subscription = consumer._subscription.subscription
+    if subscription is None or subscription.assignment is None:
+        return {}
+    assignment = subscription.assignment
+    positions = {}
+    for tp in assignment.tps:
+        state = assignment.state_value(tp)
+        if state.has_valid_position and not state.paused:
+            positions[tp] = state.position
+    return positions
 
 
 async def _rewind(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> None:
@@ -71,7 +102,6 @@ async def _rewind(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> None
 async def _isolate(consumer: AIOKafkaConsumer, partitions: tuple[TopicPartition, ...]) -> tuple[Records, list[Unreadable]]:
     paused = consumer.paused()
     tps = [tp for tp in (partitions or tuple(consumer.assignment())) if tp not in paused]
-    await _rewind(consumer, tps)
     records: Records = {}
     unreadable: list[Unreadable] = []
     for tp in tps:
