@@ -80,7 +80,8 @@ def _positions(consumer: AIOKafkaConsumer) -> dict[TopicPartition, int]:
     Reads aiokafka's subscription state directly (pinned below 0.15; ``tests/integration/
     test_transport_fetch.py`` fails if that changes): ``position()`` is a coroutine that waits for
     partitions being reset, and this runs before every poll."""
-    subscription = consumer._subscription.subscription
+    state = getattr(consumer, "_subscription", None)  # absent on test doubles
+    subscription = state.subscription if state is not None else None
     if subscription is None or subscription.assignment is None:
         return {}
     assignment = subscription.assignment
