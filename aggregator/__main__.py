@@ -26,11 +26,13 @@ from aggregator.service import AggregatorService
 from aggregator.verify import verify
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, log_level: str = "INFO") -> None:
     parser.add_argument("--bootstrap-servers", help="Kafka bootstrap servers [KAFKA_BOOTSTRAP_SERVERS]")
-    parser.add_argument("--topic-prefix", help="topic name prefix, default 'tokenguard.' [TOKENGUARD_TOPIC_PREFIX]")
-    parser.add_argument("--group-id", help="consumer group, default 'tokenguard-aggregator' [TOKENGUARD_GROUP_ID]")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--topic-prefix", "--prefix", dest="topic_prefix",
+                        help="topic name prefix, default 'tokenguard.' [TOKENGUARD_TOPIC_PREFIX]")
+    parser.add_argument("--group-id", "--group", dest="group_id",
+                        help="consumer group, default 'tokenguard-aggregator' [TOKENGUARD_GROUP_ID]")
+    parser.add_argument("--log-level", default=log_level, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     connect_timeout_flag(parser)
 
 
@@ -47,7 +49,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m aggregator"
                 "2: usage error; 3: Kafka unreachable."
             ),
         )
-        _common(parser)
+        _common(parser, log_level="WARNING")  # an operator command: its report, then one line per problem
         parser.add_argument("--wait-s", type=float, default=60.0, help="how long to wait for the group to catch up")
         args = parser.parse_args(argv[1:])
         args.command = "verify"
@@ -157,6 +159,8 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m aggregator") -
     """0 done, 1 a check found a problem (or the service failed), 2 usage error, 3 Kafka unreachable."""
     args = parse_args(argv, prog)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "verify" and args.log_level != "DEBUG":
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # retries, "password in the clear": noise here
     try:
         config = config_from_args(args)
         timeout_s = connect_timeout(args)

@@ -228,12 +228,12 @@ def usage_error(prog: str, message: str) -> int:
 # -- the commands ------------------------------------------------------------------------------
 
 
-def _connection_flags(parser: argparse.ArgumentParser, *, aliases: bool = False) -> None:
+def _connection_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap-servers", help="Kafka bootstrap servers [KAFKA_BOOTSTRAP_SERVERS]")
-    parser.add_argument("--topic-prefix", *(["--prefix"] if aliases else []), dest="topic_prefix",
+    parser.add_argument("--topic-prefix", "--prefix", dest="topic_prefix",
                         help="topic name prefix, default 'tokenguard.' [TOKENGUARD_TOPIC_PREFIX]")
-    parser.add_argument("--group-id", *(["--group"] if aliases else []), dest="group_id",
-                        help="aggregator consumer group [TOKENGUARD_GROUP_ID]")
+    parser.add_argument("--group-id", "--group", dest="group_id",
+                        help="aggregator consumer group, default 'tokenguard-aggregator' [TOKENGUARD_GROUP_ID]")
     connect_timeout_flag(parser)
 
 
@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     acls.add_argument("--aggregator", required=True, metavar="PRINCIPAL", help="the aggregators' principal")
     acls.add_argument("--operator", required=True, metavar="PRINCIPAL", help="the operators' principal")
     acls.add_argument("--apply", action="store_true", help="create the ACLs now, and wait until they are in force")
-    _connection_flags(acls, aliases=True)
+    _connection_flags(acls)
     return parser
 
 
