@@ -14,7 +14,8 @@ the standard authorizer (tests/integration/test_acls.py). Why some choices:
   DESCRIBE, DESCRIBE_CONFIGS and CREATE, which every topic of the deployment needs alike, are
   PREFIXED on the deployment's prefix.
 - The aggregator's consumer group is LITERAL: agents use no group (the notices feed assigns
-  partitions itself), and nobody else may join the aggregators' group.
+  partitions itself), and only aggregators and operators (for ``replay``) may use the group.
+- An operation another one implies is not granted again: READ, WRITE and ALTER imply DESCRIBE.
 - No IDEMPOTENT_WRITE on the cluster: since Kafka 3.0 (KIP-679) WRITE on a topic lets an
   idempotent producer start; a cluster older than that needs ``IDEMPOTENT_WRITE`` on the cluster
   for agents and aggregators.
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from aiokafka.client import AIOKafkaClient
+from aiokafka.errors import for_code
 from aiokafka.protocol.admin import CreateAclsRequest_v1, DescribeAclsRequest_v1
 from aiokafka.protocol.api import Request
 
@@ -51,7 +53,8 @@ _ALLOW = 3
 
 
 class AclError(AggregatorError):
-    """The ACLs could not be computed (a bad principal) or applied (the broker said why)."""
+    """The ACLs could not be computed (a bad principal) or were not in force in time. (A broker
+    that refuses to create them raises its own error: ``ClusterAuthorizationFailedError`` and the like.)"""
 
 
 @dataclass(frozen=True, order=True)
@@ -91,29 +94,31 @@ def deployment_acls(layout: TopicLayout, principals: Principals, group_id: str) 
     if not layout.prefix or not group_id:
         raise AclError("a topic prefix and an aggregator group are needed")
     agent, aggregator, operator = principals.agent, principals.aggregator, principals.operator
+    checks = "start() and topics create/check: partitions and cleanup policy of all five topics"
     rules: list[tuple[str, ResourceType, str, Pattern, tuple[Operation, ...], str]] = [
-        (agent, "TOPIC", layout.usage, "LITERAL", ("WRITE",), "the publisher sends one event per call"),
-        (agent, "TOPIC", layout.notices, "LITERAL", ("READ",), "the notices feed reads every partition, no group"),
-        (agent, "TOPIC", layout.limits, "LITERAL", ("READ",), "the middleware follows the limits"),
+        (agent, "TOPIC", layout.usage, "LITERAL", ("WRITE",), "the publisher: one event per call"),
+        (agent, "TOPIC", layout.notices, "LITERAL", ("READ",), "the notices feed: every partition, no group"),
+        (agent, "TOPIC", layout.limits, "LITERAL", ("READ",), "the middleware follows the limits (DESIGN 10)"),
+        (agent, "TOPIC", layout.prefix, "PREFIXED", ("DESCRIBE", "DESCRIBE_CONFIGS"), checks),
         (aggregator, "TOPIC", layout.usage, "LITERAL", ("READ",), "consumes usage; rebuilds its dedup window"),
         (aggregator, "TOPIC", layout.totals, "LITERAL", ("READ", "WRITE"), "its changelog: restore, then write"),
         (aggregator, "TOPIC", layout.notices, "LITERAL", ("READ", "WRITE"),
          "notices and heartbeats; reads them to correct contradicting ones"),
         (aggregator, "TOPIC", layout.limits, "LITERAL", ("READ",), "the limits feed"),
         (aggregator, "TOPIC", layout.dead_letters, "LITERAL", ("WRITE",), "dead letters"),
+        # DESCRIBE is implied by its READ or WRITE on each of the five topics.
+        (aggregator, "TOPIC", layout.prefix, "PREFIXED", ("DESCRIBE_CONFIGS",), checks),
         (aggregator, "GROUP", group_id, "LITERAL", ("READ",), "joins the group, commits, reads its offsets"),
-        (operator, "TOPIC", layout.prefix, "PREFIXED", ("CREATE",), "tokenguard topics create"),
-        (operator, "TOPIC", layout.limits, "LITERAL", ("READ", "WRITE"), "tokenguard limits"),
+        (operator, "TOPIC", layout.prefix, "PREFIXED", ("CREATE", "DESCRIBE", "DESCRIBE_CONFIGS"),
+         "tokenguard topics create (and check), usage show, verify, replay"),
+        (operator, "TOPIC", layout.limits, "LITERAL", ("READ", "WRITE"), "tokenguard limits set/get/list/delete"),
         (operator, "TOPIC", layout.usage, "LITERAL", ("READ",), "tokenguard verify and replay"),
         (operator, "TOPIC", layout.totals, "LITERAL", ("READ", "WRITE"),
-         "usage show, verify; replay writes the rebuilt totals"),
-        (operator, "TOPIC", layout.dead_letters, "LITERAL", ("READ",), "inspecting dead letters"),
-        (operator, "GROUP", group_id, "LITERAL", ("DESCRIBE", "READ"),
-         "verify reads the group's lag; replay checks it is empty and commits it"),
+         "usage show and verify; replay writes the rebuilt totals"),
+        (operator, "TOPIC", layout.dead_letters, "LITERAL", ("READ",), "reading dead letters"),
+        # READ implies DESCRIBE: verify reads the group's offsets, replay checks it has no members.
+        (operator, "GROUP", group_id, "LITERAL", ("READ",), "replay commits the group at the rebuilt end"),
     ]
-    for principal in dict.fromkeys((agent, aggregator, operator)):
-        rules.append((principal, "TOPIC", layout.prefix, "PREFIXED", ("DESCRIBE", "DESCRIBE_CONFIGS"),
-                      "start() and topics check: partitions and cleanup policy of every topic"))
     acls: dict[tuple[str, str, str, str, str], Acl] = {}
     for principal, resource_type, name, pattern, operations, why in rules:
         for operation in operations:
@@ -152,14 +157,10 @@ async def apply_acls(connection: KafkaConnection, acls: list[Acl], *, timeout_s:
             await client.bootstrap()
             node = client.get_random_node()
             response = await client.send(node, _CreateAcls(acls))
-            failures = [
-                f"{acl.principal} {acl.operation} {acl.resource_type} {acl.resource_name!r}: "
-                f"error {code}{f' ({message})' if message else ''}"
-                for acl, (code, message) in zip(acls, response.creation_responses)
-                if code != 0
-            ]
-            if failures:
-                raise AclError("the broker refused ACLs: " + "; ".join(failures[:3]))
+            for acl, (code, message) in zip(acls, response.creation_responses, strict=True):
+                if code != 0:  # the broker's own error (not authorized, security disabled), named
+                    raise for_code(code)(f"creating ACL {acl.principal} {acl.operation} {acl.resource_type} "
+                                         f"{acl.resource_name!r}: {message or 'refused'}")
             # The broker answers once the controller has the ACLs; it enforces them once its own
             # metadata has them, which DescribeAcls (answered from the broker's authorizer) shows.
             wanted = {acl.rule for acl in acls}
@@ -184,7 +185,7 @@ async def describe_acls(connection: KafkaConnection) -> set[tuple[str, str, str,
 async def _described(client: AIOKafkaClient, node: int) -> set[tuple[str, str, str, str, str]]:
     response = await client.send(node, _DescribeAcls())
     if response.error_code != 0:
-        raise AclError(f"DescribeAcls failed: error {response.error_code} ({response.error_message})")
+        raise for_code(response.error_code)(f"describing ACLs: {response.error_message or 'refused'}")
     names = {code: name for name, code in _OPERATIONS.items()}
     resources = {code: name for name, code in _RESOURCES.items()}
     patterns = {code: name for name, code in _PATTERNS.items()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -91,8 +92,13 @@ def _free_port() -> int:
 
 
 def _cluster_id() -> str:
-    # Kafka's Uuid string form: 16 random bytes, URL-safe base64 without padding.
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """Kafka's Uuid string form: 16 random bytes, URL-safe base64 without padding. Like Kafka's own
+    ``Uuid.randomUuid()`` it never starts with '-', which the storage tool would read as an option
+    (one start in 64 failed that way)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def _run_dir(port: int) -> Path:
@@ -110,10 +116,20 @@ class TlsListener:
 
 @dataclass(frozen=True)
 class SaslPlainListener:
-    """An extra SASL_PLAINTEXT listener with the PLAIN mechanism and these users (name -> password)."""
+    """An extra SASL_PLAINTEXT listener with the PLAIN mechanism and these users (name -> password).
+
+    With ``authorize`` the broker enforces Kafka ACLs: the standard KRaft authorizer, nothing
+    allowed without an ACL (``allow.everyone.if.no.acl.found=false``), ``super_users`` (e.g.
+    ``"User:admin"``) exempt. The broker's own connections (controller and inter-broker listeners)
+    then authenticate over SASL as ``User:localkafka``, a super user with a password made per
+    start, so the PLAINTEXT listener's anonymous principal needs no rights: it is refused
+    everything, and an ACL is the only way in.
+    """
 
     port: int
-    users: tuple[tuple[str, str], ...]
+    users: tuple[tuple[str, str], ...] = field(repr=False)
+    authorize: bool = False
+    super_users: tuple[str, ...] = ()
 
 
 def _properties(
@@ -130,6 +146,8 @@ def _properties(
         listeners += f",SASL_PLAINTEXT://{HOST}:{sasl.port}"
         advertised += f",SASL_PLAINTEXT://{HOST}:{sasl.port}"
         protocols += ",SASL_PLAINTEXT:SASL_PLAINTEXT"
+        if sasl.authorize:
+            protocols = protocols.replace("CONTROLLER:PLAINTEXT", "CONTROLLER:SASL_PLAINTEXT")
     settings = {
         "process.roles": "broker,controller",
         "node.id": "1",
@@ -153,15 +171,46 @@ def _properties(
         "log.cleaner.backoff.ms": "1000",
     }
     if sasl is not None:
-        users = " ".join(f'user_{name}="{password}"' for name, password in sasl.users)
-        settings["sasl.enabled.mechanisms"] = "PLAIN"
-        settings["listener.name.sasl_plaintext.plain.sasl.jaas.config"] = (
-            f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};"
-        )
+        settings.update(_sasl_settings(sasl))
     if tls is not None:
         settings["listener.name.ssl.ssl.keystore.type"] = "PEM"
         settings["listener.name.ssl.ssl.keystore.location"] = str(tls.keystore_pem)
     return "".join(f"{k}={v}\n" for k, v in settings.items())
+
+
+_BROKER_USER = "localkafka"
+_PLAIN = "org.apache.kafka.common.security.plain.PlainLoginModule required"
+
+
+def _sasl_settings(sasl: SaslPlainListener) -> dict[str, str]:
+    """PLAIN users on the SASL listener; with ``authorize``, the authorizer and the broker's own
+    SASL identity on its controller and inter-broker connections."""
+    for name, password in sasl.users:
+        if not name.replace("-", "").replace("_", "").isalnum() or name == _BROKER_USER:
+            raise LauncherError(f"SASL user names must be letters, digits, '-' or '_' and not {_BROKER_USER!r}")
+        if any(char in password for char in '"\\;') or not password.isprintable():
+            raise LauncherError(f"the password of SASL user {name!r} must be printable, without '\"', '\\' or ';'")
+    users = " ".join(f'user_{name}="{password}"' for name, password in sasl.users)
+    settings = {"sasl.enabled.mechanisms": "PLAIN"}
+    if not sasl.authorize:
+        settings["listener.name.sasl_plaintext.plain.sasl.jaas.config"] = f"{_PLAIN} {users};"
+        return settings
+    # The broker talks to its own controller and to itself as a super user, over SASL; clients of
+    # the PLAINTEXT listener are User:ANONYMOUS, which no ACL names.
+    password = secrets.token_urlsafe(24)
+    own = f'username="{_BROKER_USER}" password="{password}" user_{_BROKER_USER}="{password}"'
+    settings.update({
+        "listener.name.sasl_plaintext.plain.sasl.jaas.config": f"{_PLAIN} {own} {users};",
+        "listener.name.controller.plain.sasl.jaas.config": f"{_PLAIN} {own};",
+        "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
+        "sasl.mechanism.controller.protocol": "PLAIN",
+        "sasl.mechanism.inter.broker.protocol": "PLAIN",
+        "inter.broker.listener.name": "SASL_PLAINTEXT",
+        "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+        "allow.everyone.if.no.acl.found": "false",
+        "super.users": ";".join((f"User:{_BROKER_USER}", *sasl.super_users)),
+    })
+    return settings
 
 
 _LOG4J = """\
@@ -274,6 +323,8 @@ def start(
     else:
         controller_port = _free_port()
         controller_port_file.write_text(str(controller_port))
+    props.touch(mode=0o600)
+    props.chmod(0o600)  # before writing: it can hold SASL passwords
     props.write_text(_properties(port, controller_port, data_dir, tls, sasl))
     log4j.write_text(_LOG4J)
     java = _java(libs, log4j, heap)
@@ -375,9 +426,9 @@ def main(argv: list[str] | None = None) -> int:
             was = stop(args.port, clean=not args.keep_data)
             print("stopped" if was else "not running")
         else:
-            broker = running(args.port)
-            print(f"running at {broker.bootstrap_servers} (pid {broker.pid})" if broker else "not running")
-            return 0 if broker else 1
+            found = running(args.port)
+            print(f"running at {found.bootstrap_servers} (pid {found.pid})" if found else "not running")
+            return 0 if found else 1
     except LauncherError as exc:
         print(f"localkafka: {exc}", file=sys.stderr)
         return 2
