@@ -153,3 +153,62 @@ async def send_with_raw_header_name(
         await producer.stop()
         for module, builder in zip(modules, saved):
             module.DefaultRecordBatchBuilder = builder
+
+
+class RawRecord:
+    """One record to produce exactly as given: key, value, headers (values may be None) and an
+    explicit partition (None: the producer's default partitioner, murmur2 of the key)."""
+
+    __slots__ = ("headers", "key", "partition", "value")
+
+    def __init__(
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes | None]] | None = None,
+        partition: int | None = None,
+    ) -> None:
+        self.key, self.value, self.headers, self.partition = key, value, list(headers or []), partition
+
+
+async def send_records(connection: KafkaConnection, topic: str, records: list[RawRecord]) -> list[tuple[int, int]]:
+    """Produce ``records`` in order (per partition) and return each one's (partition, offset)."""
+    producer = AIOKafkaProducer(
+        **connection.client_kwargs(), acks="all", enable_idempotence=True, max_request_size=4 * 1024 * 1024
+    )
+    await producer.start()
+    try:
+        futures = [
+            await producer.send(topic, r.value, key=r.key, headers=r.headers or None, partition=r.partition)
+            for r in records
+        ]
+        metadata = await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return [(m.partition, m.offset) for m in metadata]
+
+
+async def send_raw_header_record(
+    connection: KafkaConnection, topic: str, key: bytes, value: bytes, partition: int, raw_name: bytes = b"\xff\xfe\x80"
+) -> int:
+    """Like ``send_with_raw_header_name``, but safe while other producers run in this process
+    (that one swaps aiokafka's batch builder for the whole send, and an idempotent producer that
+    builds a batch meanwhile fails its sender); returns the record's offset. The pure-Python
+    builder is swapped in only for the synchronous ``create_batch()`` call of a producer of its own."""
+    from aiokafka.producer import message_accumulator
+    from aiokafka.record import default_records
+
+    producer = AIOKafkaProducer(**connection.client_kwargs(), acks="all", enable_idempotence=False)
+    await producer.start()
+    try:
+        saved = message_accumulator.DefaultRecordBatchBuilder
+        message_accumulator.DefaultRecordBatchBuilder = default_records._DefaultRecordBatchBuilderPy
+        try:
+            batch = producer.create_batch()  # no await in between: no other task sees the swap
+        finally:
+            message_accumulator.DefaultRecordBatchBuilder = saved
+        batch.append(timestamp=None, key=key, value=value, headers=[(_RawHeaderName(raw_name), b"x")])
+        metadata = await (await producer.send_batch(batch, topic, partition=partition))
+    finally:
+        await producer.stop()
+    return int(metadata.offset)
