@@ -336,6 +336,8 @@ def start(
             check=False,
         )
         if fmt.returncode != 0:
+            if fresh:  # nothing to keep, and its properties can hold SASL passwords
+                shutil.rmtree(run_dir, ignore_errors=True)
             raise LauncherError(f"formatting the KRaft log directory failed:\n{fmt.stdout}{fmt.stderr}")
     log_path = run_dir / "broker.log"
     with open(log_path, "ab") as log:
