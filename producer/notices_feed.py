@@ -65,6 +65,7 @@ class NoticesFeed:
         self._usage_partitions: set[int] = set()
         self._refreshed_at = -float("inf")  # monotonic
         self._pending: list[QuotaNotice] = []
+        self._removed: tuple[tuple[str, str], ...] = ()  # tenant-periods most recently tombstoned
         self._has_pending = asyncio.Event()
         self._checking = asyncio.Lock()
         self._checker: asyncio.Task[None] | None = None
@@ -158,6 +159,7 @@ class NoticesFeed:
         if parsed is None:
             return
         self._pending = [n for n in self._pending if (n.tenant_id, n.period_key) != parsed]
+        self._removed = (*self._removed[-999:], parsed)  # a new tuple: _check_pending compares identity
         self._snapshot.forget_notice(*parsed)
 
     def _ignore(self, record: ConsumerRecord | None, reason: str, detail: str) -> None:
@@ -193,12 +195,17 @@ class NoticesFeed:
             held, self._pending = self._pending, []
             self._has_pending.clear()
             self._refreshed_at = time.monotonic()
+            removed_before = self._removed
             try:
                 await self._refresh_ends({notice.usage_partition for notice in held})
             except Exception:
                 self._pending = held + self._pending  # not judged: kept for the next round
                 self._has_pending.set()
                 raise
+            if self._removed is not removed_before:
+                # Tombstones read while the ends were fetched remove held notices written before them.
+                gone = set(self._removed) - set(removed_before)
+                held = [n for n in held if (n.tenant_id, n.period_key) not in gone]
             for notice in held:
                 if within_end(notice.usage_partition, notice.usage_offset, self._ends):
                     self._snapshot.apply_notice(notice)

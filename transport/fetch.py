@@ -17,12 +17,13 @@ failed are not lost either: every partition is put back where it was before that
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import CorruptRecordException, KafkaError
+from aiokafka.errors import CorruptRecordException, IllegalStateError, KafkaError
 from aiokafka.structs import ConsumerRecord
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ async def getmany_safe(
     ``bound_s`` bounds the ordinary call (``TimeoutError`` after it: aiokafka's ``getmany`` ignores
     its own timeout while a group has no assignment). It never cuts the isolation short: that has
     moved positions, and stopping it half way would lose what it read."""
-    before = _positions(consumer)
+    before = await _positions(consumer)
     try:
         call = consumer.getmany(*partitions, timeout_ms=timeout_ms, max_records=max_records)
         return (await (call if bound_s is None else asyncio.wait_for(call, bound_s))), []
@@ -74,22 +75,29 @@ async def getmany_safe(
     return await _isolate(consumer, partitions)
 
 
-def _positions(consumer: AIOKafkaConsumer) -> dict[TopicPartition, int]:
-    """Each assigned, fetchable partition's position, without waiting for any.
+async def _positions(consumer: AIOKafkaConsumer) -> dict[TopicPartition, int]:
+    """Each assigned, fetchable partition's position. A partition whose position is still being
+    reset is waited for: otherwise the reset would happen inside the call, and records that call
+    drains and drops could not be rewound to.
 
     Reads aiokafka's subscription state directly (pinned below 0.15; ``tests/integration/
-    test_transport_fetch.py`` fails if that changes): ``position()`` is a coroutine that waits for
-    partitions being reset, and this runs before every poll."""
+    test_transport_fetch.py`` fails if that changes), since this runs before every poll and
+    ``position()`` is a coroutine per partition."""
     state = getattr(consumer, "_subscription", None)  # absent on test doubles
     subscription = state.subscription if state is not None else None
     if subscription is None or subscription.assignment is None:
         return {}
     assignment = subscription.assignment
     positions = {}
-    for tp in assignment.tps:
-        state = assignment.state_value(tp)
-        if state.has_valid_position and not state.paused:
-            positions[tp] = state.position
+    for tp in list(assignment.tps):
+        tp_state = assignment.state_value(tp)
+        if tp_state is None or tp_state.paused:
+            continue
+        if tp_state.has_valid_position:
+            positions[tp] = tp_state.position
+        else:
+            with contextlib.suppress(IllegalStateError):
+                positions[tp] = await consumer.position(tp)
     return positions
 
 
@@ -117,11 +125,13 @@ async def _isolate(consumer: AIOKafkaConsumer, partitions: tuple[TopicPartition,
                 records[tp] = batch[tp]
             continue
         # This partition holds the record: step one record at a time up to it. Each step returns
-        # its record or raises at it, so nothing before it is lost. The position where the client
-        # last fails is the record's offset (in a compacted topic the position may sit in a gap
-        # before it, so the failure repeats until the seek passes it).
+        # its record or raises, so nothing before it is lost. Every offset a failing step is sought
+        # past is reported: aiokafka parses a stored batch from its start, so a bad record also
+        # fails the steps at the offsets after it in the same batch, and those records cannot be
+        # had through this client either. Reported, never silently skipped. (In a compacted topic
+        # a step may also start in a gap before the bad record; those offsets are reported too.)
         got = records.setdefault(tp, [])
-        failing_at: int | None = None
+        failed = False
         while True:
             position = await consumer.position(tp)
             try:
@@ -129,18 +139,17 @@ async def _isolate(consumer: AIOKafkaConsumer, partitions: tuple[TopicPartition,
             except Exception as exc:
                 if not _is_parse_error(exc):
                     raise
-                failing_at, error = position, f"{type(exc).__name__}: {exc}"[:500]
+                error = f"{type(exc).__name__}: {exc}"[:500]
+                unreadable.append(Unreadable(tp.topic, tp.partition, position, error))
+                log.error("skipped record %s:%d:%d: the Kafka client cannot parse it: %s", tp.topic, tp.partition, position, error)
                 consumer.seek(tp, position + 1)
+                failed = True
                 continue
-            if failing_at is not None:
-                unreadable.append(Unreadable(tp.topic, tp.partition, failing_at, error))
-                log.error("skipped record %s:%d:%d: the Kafka client cannot parse it: %s", tp.topic, tp.partition, failing_at, error)
-                # The record after it was read by this step; later ones come by the normal path.
-                got.extend(step.get(tp, []))
+            got.extend(step.get(tp, []))
+            if failed or not step.get(tp):
+                # Past the bad record(s): later records come by the normal path. Or nothing more is
+                # fetched: the failure was elsewhere, or is not reached yet.
                 break
-            if not step.get(tp):
-                break  # nothing more fetched: the failure was elsewhere, or is not reached yet
-            got.extend(step[tp])
         if not got:
             del records[tp]
     return records, unreadable

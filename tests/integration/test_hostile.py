@@ -5,7 +5,7 @@ Written against the rules (``aggregator.intake``, ``deadletter``, ``changelog``,
 durable output (changelog, dead letters, notices) or the independent verifier, never on its
 in-memory state alone.
 
-Tests marked ``xfail(strict=True)`` are known product bugs: each names the file and line.
+Eight product bugs these tests found are fixed; the tests now guard the fixes.
 """
 
 from __future__ import annotations
@@ -954,15 +954,6 @@ async def test_unreadable_record_on_a_quiet_topic_loses_nothing(
     assert await dead_letters_of(connection, layout) == {(home(tenant), offset): ["unreadable_record"]}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "transport/fetch.py _isolate (l.124-137) keeps only the last offset it failed at: failing_at is "
-        "overwritten at each failing step (meant for compaction gaps), so of two adjacent records aiokafka "
-        "cannot parse only the second is reported; the first is skipped silently (no dead letter from the "
-        "aggregator, not in the verifier's count)"
-    ),
-)
 async def test_two_adjacent_unreadable_records_are_both_reported(connection, layout: TopicLayout) -> None:  # type: ignore[no-untyped-def]
     await ensure_topics(connection, layout)
     topic, p = layout.usage, 0
@@ -1156,15 +1147,6 @@ async def test_middleware_blocks_again_after_a_forged_ok_dated_ahead(
         await shutdown(aggregator)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "producer/notices_feed.py _check_pending (l.183-204) takes the held notices (l.193) and then awaits "
-        "_refresh_ends (l.197); a tombstone read meanwhile (_tombstone, l.155) filters only self._pending, so "
-        "the forged notice it removes is applied after it (l.204): a forged 'exceeded' whose offset needed the "
-        "end-offset check, tombstoned by the aggregator within that await, blocks the tenant for good"
-    ),
-)
 async def test_middleware_drops_a_forged_notice_the_aggregator_tombstoned(
     connection, layout: TopicLayout, aggregator_config: AggregatorConfig, producer_config: ProducerConfig
 ) -> None:  # type: ignore[no-untyped-def]
