@@ -17,6 +17,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aggregator.changelog import read_ranges
 from aggregator.config import AggregatorConfig
 from aggregator.errors import AggregatorError
+from aggregator.limits import LimitsFeed
 from aggregator.state import Limits, Totals, TotalsState, classify
 from aggregator.changelog import end_offsets
 from aggregator.verify import Recompute
@@ -55,6 +56,10 @@ async def replay(config: AggregatorConfig, *, since: datetime | None = None) -> 
             partition_of[(event.tenant_id, event.period_key)] = record.partition
             quota_of[(event.tenant_id, event.period_key)] = event.quota_tokens
     limits = Limits(config.default_limit, warning_ratio=config.warning_ratio)
+    # The limits the aggregator would judge by: the rebuilt states must be the ones it would hold.
+    feed = LimitsFeed(config, limits, on_change=_ignore_change)
+    await feed.start()
+    await feed.stop()
     now = datetime.now(timezone.utc)
     producer = AIOKafkaProducer(**config.connection.client_kwargs(), acks="all")
     await producer.start()
@@ -74,6 +79,10 @@ async def replay(config: AggregatorConfig, *, since: datetime | None = None) -> 
         await producer.stop()
     await _commit(config, {p: end for p, end in ends.items()})
     return len(recompute.totals())
+
+
+async def _ignore_change(tenant_id: str | None) -> None:
+    return None
 
 
 async def _commit(config: AggregatorConfig, offsets: dict[int, int]) -> None:

@@ -175,6 +175,7 @@ class AggregatorService:
             consumer.subscribe([config.topics.usage], listener=_Rebalance(self, consumer))
             await start_consumer(consumer)
         except BaseException:
+            await close_consumer(consumer)
             await self._watch.stop()
             await self._limits_feed.stop()
             await producer.stop()
