@@ -37,7 +37,7 @@ from aiokafka.protocol.admin import CreateAclsRequest_v1, DescribeAclsRequest_v1
 from aiokafka.protocol.api import Request
 
 from aggregator.errors import AggregatorError
-from producer.config import KafkaConnection
+from transport.connection import KafkaConnection
 from schemas.topics import TopicLayout
 
 Operation = Literal["READ", "WRITE", "CREATE", "DESCRIBE", "DESCRIBE_CONFIGS"]

@@ -38,9 +38,10 @@ from aggregator.errors import AggregatorError
 from aggregator.limits import LimitsFeed, delete_limit, write_limit
 from aggregator.replay import replay
 from aggregator.state import Limits
-from producer.config import KafkaConnection, SecurityProtocol
-from producer.errors import TokenGuardError
-from producer.kafka_admin import TopicMismatchError, ensure_topics, topic_partitions
+from transport.connection import KafkaConnection, SecurityProtocol
+from schemas.errors import SchemaError
+from transport.errors import TransportError
+from transport.admin import TopicMismatchError, ensure_topics, topic_partitions
 from schemas._types import Identifier
 from schemas.limits import QuotaLimit
 from schemas.totals import TotalsRecord
@@ -194,7 +195,7 @@ def exit_code(exc: BaseException, connection: KafkaConnection) -> tuple[int, str
         return EXIT_UNREACHABLE, f"cannot reach Kafka at {where}: {exc or type(exc).__name__}"
     if isinstance(exc, KafkaError):
         return EXIT_UNREACHABLE, f"Kafka at {where} refused: {type(exc).__name__}: {exc}"
-    if isinstance(exc, AggregatorError | TokenGuardError):
+    if isinstance(exc, AggregatorError | TransportError | SchemaError):
         return EXIT_PROBLEM, str(exc)
     return None
 

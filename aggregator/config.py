@@ -7,7 +7,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from producer.config import KafkaConnection, flag_from_env, layout_from_env
+from transport.connection import KafkaConnection, flag_from_env, layout_from_env
 from schemas.topics import TopicLayout
 
 

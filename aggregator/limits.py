@@ -20,9 +20,9 @@ from aiokafka.structs import ConsumerRecord
 
 from aggregator.config import AggregatorConfig
 from aggregator.state import Limits
-from producer.follower import TopicFollower
+from transport.follower import TopicFollower
 from schemas.errors import DecodeError
-from producer.config import KafkaConnection
+from transport.connection import KafkaConnection
 from schemas.limits import QuotaLimit
 from schemas.topics import TopicLayout
 from schemas.wire import decode_limit, encode, limit_key

@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aggregator.changelog import read_changelog, recent_events
 from aggregator.config import AggregatorConfig
 from aggregator.state import TotalsState
-from producer.kafka_admin import committed_offsets
+from transport.admin import committed_offsets
 
 
 @dataclass

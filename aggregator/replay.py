@@ -14,14 +14,14 @@ from datetime import datetime, timezone
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from aggregator.changelog import read_ranges
+from transport.reading import read_ranges
 from aggregator.config import AggregatorConfig
 from aggregator.errors import AggregatorError
 from aggregator.limits import LimitsFeed
 from aggregator.state import Limits, Totals, TotalsState, classify
-from aggregator.changelog import end_offsets
+from transport.reading import end_offsets
 from aggregator.verify import Recompute
-from producer.kafka_admin import close_consumer, start_consumer, topic_partitions
+from transport.admin import close_consumer, start_consumer, topic_partitions
 from schemas.wire import encode_fields, tenant_period_key
 
 

@@ -34,7 +34,7 @@ from aggregator.intake import accept, expected_partition
 from aggregator.limits import LimitsFeed
 from aggregator.notices import NoticesWatch
 from aggregator.state import Limits, Outcome, TotalsState
-from producer.kafka_admin import (
+from transport.admin import (
     TopicMismatchError,
     close_consumer,
     ensure_topics,

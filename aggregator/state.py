@@ -15,7 +15,7 @@ from datetime import datetime
 
 from aggregator.dedup import DedupWindow
 from aggregator.intake import fingerprint, identity
-from producer.periods import period_kind
+from schemas.periods import period_kind
 from schemas.limits import QuotaLimit
 from schemas.notices import QuotaState
 from schemas.totals import TotalsRecord

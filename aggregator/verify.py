@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from aggregator.changelog import end_offsets, read_changelog, read_ranges
+from aggregator.changelog import read_changelog
+from transport.reading import end_offsets, read_ranges
 from aggregator.intake import Identity, UsageRecord, accept, fingerprint, identity
-from producer.config import KafkaConnection
-from producer.kafka_admin import committed_offsets, topic_partitions
+from transport.connection import KafkaConnection
+from transport.admin import committed_offsets, topic_partitions
 from schemas.errors import DecodeError
 from schemas.topics import TopicLayout
 from schemas.totals import TotalsRecord

@@ -26,7 +26,7 @@ from _common import REPO, broker, emit, fresh_layout, median
 
 from aggregator.verify import end_offsets
 from producer import KafkaConnection, ProducerConfig, UsagePublisher, ensure_topics
-from producer.kafka_admin import committed_offsets
+from transport.admin import committed_offsets
 from schemas.topics import TopicLayout
 from schemas.wire import UsageDraft
 

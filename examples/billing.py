@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aggregator.changelog import read_ranges  # noqa: E402
 from aggregator.verify import Recompute  # noqa: E402
-from producer import KafkaConnection  # noqa: E402
-from producer.kafka_admin import topic_partitions  # noqa: E402
+from transport.connection import KafkaConnection  # noqa: E402
+from transport.admin import topic_partitions  # noqa: E402
 from schemas.topics import DEFAULT_PREFIX, TopicLayout  # noqa: E402
 
 Prices = dict[str, dict[str, float]]

@@ -29,7 +29,7 @@ from rich.table import Table  # noqa: E402
 
 import localkafka  # noqa: E402
 from producer import KafkaConnection, ensure_topics  # noqa: E402
-from producer.follower import TopicFollower  # noqa: E402
+from transport.follower import TopicFollower  # noqa: E402
 from schemas.notices import Heartbeat  # noqa: E402
 from schemas.topics import TopicLayout  # noqa: E402
 from schemas.totals import TotalsRecord  # noqa: E402

@@ -7,7 +7,7 @@ The seed's names (``TokenGuardMiddleware``, ``QuotaStore``, ``InMemoryQuotaStore
 
 from producer.config import KafkaConnection, ProducerConfig
 from producer.errors import InvalidCallError, PublisherError, QuotaExceededError, TokenGuardError
-from producer.kafka_admin import TopicMismatchError, ensure_topics
+from transport.admin import TopicMismatchError, ensure_topics
 from producer.kafka_store import KafkaQuotaStore
 from producer.middleware import TokenGuardMiddleware
 from producer.periods import day_key, month_key, seed_week_key, week_key

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from producer.config import ProducerConfig
 from producer.errors import UsageSpoolFullError
-from producer.kafka_admin import ensure_topics
+from transport.admin import ensure_topics
 from producer.notices_feed import NoticesFeed
 from producer.publisher import UsagePublisher
 from producer.snapshot import QuotaSnapshot

@@ -29,8 +29,8 @@ from collections.abc import Callable
 from aiokafka.structs import ConsumerRecord
 
 from producer.config import ProducerConfig
-from producer.follower import TopicFollower
-from producer.kafka_admin import topic_partitions
+from transport.follower import TopicFollower
+from transport.admin import topic_partitions
 from producer.snapshot import QuotaSnapshot, from_the_future, within_end
 from schemas.errors import DecodeError
 from schemas.notices import Heartbeat, QuotaNotice

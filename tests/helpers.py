@@ -16,7 +16,7 @@ from aiokafka.structs import ConsumerRecord
 
 from aggregator.config import AggregatorConfig
 from producer.store import CallUsage
-from producer.config import KafkaConnection
+from transport.connection import KafkaConnection
 from schemas.usage import UsageEvent
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,8 +98,8 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 10.0, what:
 
 async def read_topic(connection: KafkaConnection, topic: str) -> list[ConsumerRecord]:
     """Every record of ``topic`` up to its current end."""
-    from aggregator.changelog import read_ranges
-    from producer.kafka_admin import topic_partitions
+    from transport.reading import read_ranges
+    from transport.admin import topic_partitions
 
     records: list[ConsumerRecord] = []
     partitions = await topic_partitions(connection, topic)

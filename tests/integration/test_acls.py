@@ -31,9 +31,9 @@ from pydantic import SecretStr
 import localkafka
 from aggregator import AggregatorConfig, AggregatorService
 from aggregator.acls import Principals, apply_acls, deployment_acls, describe_acls
-from aggregator.changelog import read_ranges
+from transport.reading import read_ranges
 from producer import KafkaConnection, KafkaQuotaStore, ProducerConfig
-from producer.kafka_admin import close_consumer, start_consumer
+from transport.admin import close_consumer, start_consumer
 from schemas.limits import QuotaLimit
 from schemas.notices import Heartbeat, QuotaNotice
 from schemas.topics import TopicLayout

@@ -31,12 +31,13 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.structs import ConsumerRecord
 
 from aggregator import AggregatorConfig, AggregatorService
-from aggregator.changelog import end_offsets, read_changelog
+from aggregator.changelog import read_changelog
+from transport.reading import end_offsets
 from aggregator.deadletter import MAX_DEAD_LETTER_BYTES
 from aggregator.intake import expected_partition
 from aggregator.verify import verify
 from producer import ProducerConfig, ensure_topics
-from producer.kafka_admin import close_consumer, start_consumer, topic_partitions
+from transport.admin import close_consumer, start_consumer, topic_partitions
 from producer.notices_feed import NoticesFeed
 from producer.snapshot import QuotaSnapshot
 from schemas.topics import TopicLayout

@@ -31,7 +31,7 @@ from aggregator import AggregatorConfig
 from aggregator.changelog import read_changelog
 from aggregator.verify import verify
 from producer import ensure_topics
-from producer.config import KafkaConnection
+from transport.connection import KafkaConnection
 from schemas.topics import TopicLayout
 from schemas.usage import UsageEvent
 from schemas.wire import encode_usage, usage_headers, usage_key

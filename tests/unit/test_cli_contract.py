@@ -35,8 +35,8 @@ from aggregator.cli import (
     validation_message,
 )
 from aggregator.errors import AggregatorError
-from producer.config import KafkaConnection
-from producer.kafka_admin import TopicMismatchError
+from transport.connection import KafkaConnection
+from transport.admin import TopicMismatchError
 from schemas.limits import QuotaLimit
 from schemas.topics import TopicLayout
 from schemas.totals import TotalsRecord

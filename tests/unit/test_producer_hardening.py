@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from aggregator.limits import tenant_of_limit_key
 from producer import InMemoryQuotaStore, KafkaConnection, KafkaQuotaStore, ProducerConfig, TokenGuardMiddleware
 from producer.errors import InvalidCallError, TokenGuardError
-from producer.follower import TopicFollower
+from transport.follower import TopicFollower
 from producer.metrics import register_metrics
 from producer.scripted import ScriptedChatClient
 from producer.store import CallUsage, Decision
@@ -399,7 +399,7 @@ async def test_a_record_the_handler_raises_on_costs_only_itself(caplog: pytest.L
 
     reader = follower(handler)
     batch = [record(0, b"a"), record(1, b"poison"), record(2, b"b"), record(3, b"poison"), record(4, b"c")]
-    with caplog.at_level(logging.DEBUG, logger="producer.follower"):
+    with caplog.at_level(logging.DEBUG, logger="transport.follower"):
         await reader._deliver(batch)
     assert taken[-3:] == [0, 2, 4], "every good record is applied (the ones before the failure again)"
     assert reader.skipped == {"handler raised ValueError": 2}

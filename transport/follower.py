@@ -29,8 +29,8 @@ from collections.abc import Awaitable, Callable
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from producer.config import KafkaConnection
-from producer.kafka_admin import close_consumer, reached, start_consumer, topic_partitions
+from transport.connection import KafkaConnection
+from transport.admin import close_consumer, reached, start_consumer, topic_partitions
 from transport.fetch import getmany_safe
 
 log = logging.getLogger(__name__)

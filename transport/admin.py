@@ -11,17 +11,13 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 
-from producer.config import KafkaConnection
-from producer.errors import TokenGuardError
 from schemas.topics import TopicLayout
+from transport.connection import KafkaConnection
+from transport.errors import TopicMismatchError
 
 log = logging.getLogger(__name__)
 
 _ALREADY_EXISTS = 36
-
-
-class TopicMismatchError(TokenGuardError):
-    """An existing topic has settings this software cannot work with (partitions, cleanup policy)."""
 
 
 async def ensure_topics(connection: KafkaConnection, layout: TopicLayout) -> dict[str, int]:

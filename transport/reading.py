@@ -1,0 +1,87 @@
+"""Reading fixed offset ranges of a topic with a group-less consumer: restore, verify, replay and
+billing all read this way, so they never disturb a consumer group."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+from transport.admin import close_consumer, start_consumer, topic_partitions
+from transport.connection import KafkaConnection
+from transport.errors import ReadTimeoutError
+from transport.fetch import Unreadable, getmany_safe
+
+# (first offset, end offset) per partition; end is exclusive. None as the first offset: the
+# partition's beginning; None as the end: where the partition ends when reading starts.
+Ranges = dict[int, tuple[int | None, int | None]]
+
+
+async def read_ranges(
+    connection: KafkaConnection,
+    topic: str,
+    ranges: Ranges,
+    *,
+    timeout_s: float = 120.0,
+    on_unreadable: Callable[[Unreadable], None] | None = None,
+) -> AsyncIterator[list[ConsumerRecord]]:
+    """Yield batches of the records of ``topic`` within ``ranges``.
+
+    A record the Kafka client cannot parse is skipped by offset and handed to ``on_unreadable``
+    (it is logged either way)."""
+    if not ranges:
+        return  # (an aiokafka consumer stopped before any assignment hangs in stop())
+    consumer = AIOKafkaConsumer(
+        **connection.client_kwargs(),
+        client_id="tokenguard-reader",
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=50,
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+    )
+    await start_consumer(consumer)
+    try:
+        tps = {p: TopicPartition(topic, p) for p in ranges}
+        consumer.assign(list(tps.values()))
+        beginnings = await consumer.beginning_offsets(list(tps.values()))
+        ends = await consumer.end_offsets(list(tps.values()))
+        stop_at: dict[TopicPartition, int] = {}
+        for partition, (first, end) in ranges.items():
+            tp = tps[partition]
+            start = max(beginnings[tp], first if first is not None else 0)
+            stop = min(ends[tp], end if end is not None else ends[tp])
+            if start < stop:
+                consumer.seek(tp, start)
+                stop_at[tp] = stop
+        deadline = time.monotonic() + timeout_s
+        while stop_at:
+            if time.monotonic() > deadline:
+                raise ReadTimeoutError(f"reading {topic} did not reach the end of its range within {timeout_s}s")
+            batches, unreadable = await getmany_safe(consumer, *stop_at, timeout_ms=200, max_records=50_000)
+            for skipped in unreadable:
+                if on_unreadable is not None:
+                    on_unreadable(skipped)
+            for tp, records in batches.items():
+                wanted = [r for r in records if r.offset < stop_at[tp]]
+                if wanted:
+                    yield wanted
+            for tp in list(stop_at):
+                if await consumer.position(tp) >= stop_at[tp]:
+                    del stop_at[tp]
+    finally:
+        await close_consumer(consumer)
+
+
+async def end_offsets(connection: KafkaConnection, topic: str) -> dict[int, int]:
+    """Per partition, the offset the next record will get."""
+    partitions = await topic_partitions(connection, topic)
+    consumer = AIOKafkaConsumer(**connection.client_kwargs(), group_id=None, enable_auto_commit=False)
+    await start_consumer(consumer)
+    try:
+        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
+    finally:
+        await close_consumer(consumer)
+    return {tp.partition: offset for tp, offset in ends.items()}
