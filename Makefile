@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-unit bench kafka-up kafka-down kafka-fetch schemas clean
+.PHONY: install demo test test-unit lint bench kafka-up kafka-down kafka-fetch schemas clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,13 @@ demo: install kafka-fetch
 	$(PY) examples/fleet_demo.py
 
 ## Unit and integration tests. The fixture uses KAFKA_BOOTSTRAP_SERVERS, else starts (and stops) the local broker.
-test: install kafka-fetch
+test: install kafka-fetch lint
 	$(PY) -m pytest
+
+## ruff and mypy, as CI runs them.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test-unit: install
 	$(PY) -m pytest tests/unit

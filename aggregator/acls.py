@@ -37,8 +37,8 @@ from aiokafka.protocol.admin import CreateAclsRequest_v1, DescribeAclsRequest_v1
 from aiokafka.protocol.api import Request
 
 from aggregator.errors import AggregatorError
-from transport.connection import KafkaConnection
 from schemas.topics import TopicLayout
+from transport.connection import KafkaConnection
 
 Operation = Literal["READ", "WRITE", "CREATE", "DESCRIBE", "DESCRIBE_CONFIGS"]
 ResourceType = Literal["TOPIC", "GROUP"]
@@ -164,7 +164,7 @@ async def apply_acls(connection: KafkaConnection, acls: list[Acl], *, timeout_s:
             # The broker answers once the controller has the ACLs; it enforces them once its own
             # metadata has them, which DescribeAcls (answered from the broker's authorizer) shows.
             wanted = {acl.rule for acl in acls}
-            while not wanted <= await _described(client, node):
+            while not wanted <= await _described(client, node):  # noqa: ASYNC110 - polls the broker
                 await asyncio.sleep(0.1)
     except TimeoutError:
         raise AclError(f"the ACLs were not all in force within {timeout_s:.0f}s") from None

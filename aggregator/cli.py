@@ -24,7 +24,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import NoReturn, get_args
 
 from aiokafka.client import AIOKafkaClient
@@ -38,13 +38,13 @@ from aggregator.errors import AggregatorError
 from aggregator.limits import LimitsFeed, delete_limit, write_limit
 from aggregator.replay import replay
 from aggregator.state import Limits
-from transport.connection import KafkaConnection, SecurityProtocol
-from schemas.errors import SchemaError
-from transport.errors import TransportError
-from transport.admin import TopicMismatchError, ensure_topics, topic_partitions
 from schemas._types import Identifier
+from schemas.errors import SchemaError
 from schemas.limits import QuotaLimit
 from schemas.totals import TotalsRecord
+from transport.admin import TopicMismatchError, ensure_topics, topic_partitions
+from transport.connection import KafkaConnection, SecurityProtocol
+from transport.errors import TransportError
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
@@ -333,7 +333,7 @@ def _tenant(args: argparse.Namespace) -> str | None:
 def _new_limit(args: argparse.Namespace) -> QuotaLimit:
     try:
         return QuotaLimit(tenant_id=_tenant(args), limit_tokens=args.tokens, period=args.period,
-                          warning_ratio=args.warning_ratio, updated_at=datetime.now(timezone.utc))
+                          warning_ratio=args.warning_ratio, updated_at=datetime.now(UTC))
     except ValidationError as exc:
         flags = {"tenant_id": "tenant", "limit_tokens": "--tokens", "warning_ratio": "--warning-ratio",
                  "period": "--period"}
@@ -434,7 +434,7 @@ def _topics(args: argparse.Namespace, config: AggregatorConfig) -> Callable[[], 
 
 
 def _replay(args: argparse.Namespace, config: AggregatorConfig) -> Callable[[], Awaitable[int]]:
-    since = args.since.replace(tzinfo=args.since.tzinfo or timezone.utc) if args.since else None
+    since = args.since.replace(tzinfo=args.since.tzinfo or UTC) if args.since else None
 
     async def rebuild() -> int:
         written = await replay(config, since=since)

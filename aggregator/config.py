@@ -7,8 +7,8 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from transport.connection import KafkaConnection, flag_from_env, layout_from_env
 from schemas.topics import TopicLayout
+from transport.connection import KafkaConnection, flag_from_env, layout_from_env
 
 
 def default_aggregator_id() -> str:

@@ -20,12 +20,12 @@ from aiokafka.structs import ConsumerRecord
 
 from aggregator.config import AggregatorConfig
 from aggregator.state import Limits
-from transport.follower import TopicFollower
 from schemas.errors import DecodeError
-from transport.connection import KafkaConnection
 from schemas.limits import QuotaLimit
 from schemas.topics import TopicLayout
 from schemas.wire import decode_limit, encode, limit_key
+from transport.connection import KafkaConnection
+from transport.follower import TopicFollower
 
 log = logging.getLogger(__name__)
 

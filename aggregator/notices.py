@@ -16,10 +16,10 @@ from collections.abc import Awaitable, Callable
 from aiokafka.structs import ConsumerRecord
 
 from aggregator.config import AggregatorConfig
-from transport.follower import TopicFollower
 from schemas.errors import DecodeError
 from schemas.notices import QuotaNotice
 from schemas.wire import decode_notice, parse_tenant_period_key
+from transport.follower import TopicFollower
 
 log = logging.getLogger(__name__)
 

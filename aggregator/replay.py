@@ -9,20 +9,19 @@ those ends. The aggregator restarts from there with the rebuilt state.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from transport.reading import read_ranges
 from aggregator.config import AggregatorConfig
 from aggregator.errors import AggregatorError
 from aggregator.limits import LimitsFeed
 from aggregator.state import Limits, Totals, TotalsState, classify
-from transport.reading import end_offsets
 from aggregator.verify import Recompute
-from transport.admin import close_consumer, start_consumer, topic_partitions
 from schemas.wire import encode_fields, tenant_period_key
+from transport.admin import close_consumer, start_consumer, topic_partitions
+from transport.reading import end_offsets, read_ranges
 
 
 async def group_is_empty(config: AggregatorConfig) -> bool:
@@ -60,7 +59,7 @@ async def replay(config: AggregatorConfig, *, since: datetime | None = None) -> 
     feed = LimitsFeed(config, limits, on_change=_ignore_change)
     await feed.start()
     await feed.stop()
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     producer = AIOKafkaProducer(**config.connection.client_kwargs(), acks="all")
     await producer.start()
     try:

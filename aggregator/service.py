@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -34,6 +34,9 @@ from aggregator.intake import accept, expected_partition
 from aggregator.limits import LimitsFeed
 from aggregator.notices import NoticesWatch
 from aggregator.state import Limits, Outcome, TotalsState
+from schemas.errors import DecodeError
+from schemas.notices import Heartbeat
+from schemas.wire import encode, heartbeat_key
 from transport.admin import (
     TopicMismatchError,
     close_consumer,
@@ -41,9 +44,6 @@ from transport.admin import (
     start_consumer,
     topic_partitions,
 )
-from schemas.errors import DecodeError
-from schemas.notices import Heartbeat
-from schemas.wire import encode, heartbeat_key
 from transport.fetch import Unreadable, getmany_safe
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ class AggregatorStats:
     corrections: int = 0
 
 
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+class _Rebalance(ConsumerRebalanceListener):
     def __init__(self, service: AggregatorService, consumer: AIOKafkaConsumer) -> None:
         self._service = service
         self._consumer = consumer
@@ -355,7 +355,7 @@ class AggregatorService:
     async def _flush(self) -> None:
         checkpoint = self._checkpoint
         assert checkpoint is not None
-        await checkpoint.commit(self.state, datetime.now(timezone.utc))
+        await checkpoint.commit(self.state, datetime.now(UTC))
         self.stats.flushes += 1
         self.stats.notices = checkpoint.notices
         self.stats.commit_failures = checkpoint.commit_failures
@@ -367,7 +367,7 @@ class AggregatorService:
         self._next_heartbeat = now + self.config.heartbeat_interval_s
         producer = self._producer
         assert producer is not None
-        emitted_at = datetime.now(timezone.utc)
+        emitted_at = datetime.now(UTC)
         futures = []
         for partition in sorted(self._owned):
             heartbeat = Heartbeat.model_construct(

@@ -12,12 +12,13 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from aggregator.dedup import DedupWindow
 from aggregator.intake import fingerprint, identity
-from schemas.periods import period_kind
 from schemas.limits import QuotaLimit
 from schemas.notices import QuotaState
+from schemas.periods import period_kind
 from schemas.totals import TotalsRecord
 from schemas.usage import UsageEvent
 
@@ -221,7 +222,7 @@ class TotalsState:
         return TotalsRecord.model_construct(**self.record_fields(key, totals, now))
 
     @staticmethod
-    def record_fields(key: Key, totals: Totals, now: datetime) -> dict[str, object]:
+    def record_fields(key: Key, totals: Totals, now: datetime) -> dict[str, Any]:
         """The changelog record's fields (``TotalsRecord``'s names), for ``wire.encode_fields``."""
         return {
             "tenant_id": key[0],

@@ -14,18 +14,16 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-
 from aggregator.changelog import read_changelog
-from transport.reading import end_offsets, read_ranges
 from aggregator.intake import Identity, UsageRecord, accept, fingerprint, identity
-from transport.connection import KafkaConnection
-from transport.admin import committed_offsets, topic_partitions
 from schemas.errors import DecodeError
 from schemas.topics import TopicLayout
 from schemas.totals import TotalsRecord
 from schemas.usage import UsageEvent
+from transport.admin import committed_offsets, topic_partitions
+from transport.connection import KafkaConnection
 from transport.fetch import Unreadable
+from transport.reading import end_offsets, read_ranges
 
 Key = tuple[str, str]
 
@@ -140,7 +138,7 @@ async def verify(
     """
     report = VerifyReport()
     deadline = time.monotonic() + wait_s
-    while (lag := await group_lag(connection, group_id, layout.usage)) > 0 and time.monotonic() < deadline:
+    while (lag := await group_lag(connection, group_id, layout.usage)) > 0 and time.monotonic() < deadline:  # noqa: ASYNC110 - polls the broker
         await asyncio.sleep(0.5)
     report.lag = lag
     partitions = await topic_partitions(connection, layout.usage)

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from _common import broker, emit, fresh_layout, median
-
 from agent_framework import Agent, ChatMiddleware
+
 from producer import KafkaConnection, KafkaQuotaStore, ProducerConfig, TokenGuardMiddleware, ensure_topics
 from producer.scripted import ScriptedChatClient
 
@@ -107,7 +107,7 @@ async def main(rounds: int, calls: int) -> None:
                     amortized[name].append(per_call)
                     if name == "ours":
                         all_ours.extend(samples)
-                print("round %d: " % (round_ + 1) + ", ".join(f"{n} {per_round[n][-1]:.1f} us" for n in names))
+                print(f"round {round_ + 1}: " + ", ".join(f"{n} {per_round[n][-1]:.1f} us" for n in names))
             await with_spool.publisher.flush(timeout=60)
             await without.publisher.flush(timeout=60)
             published = with_spool.publisher.stats.published + without.publisher.stats.published

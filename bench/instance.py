@@ -18,11 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent_framework import Agent  # noqa: E402
+from agent_framework import Agent
 
-from producer import KafkaConnection, KafkaQuotaStore, ProducerConfig, QuotaExceededError, TokenGuardMiddleware  # noqa: E402
-from producer.scripted import ScriptedChatClient  # noqa: E402
-from schemas.topics import TopicLayout  # noqa: E402
+from producer import KafkaConnection, KafkaQuotaStore, ProducerConfig, QuotaExceededError, TokenGuardMiddleware
+from producer.scripted import ScriptedChatClient
+from schemas.topics import TopicLayout
 
 
 def config(args: argparse.Namespace) -> ProducerConfig:

@@ -52,7 +52,7 @@ async def main(instances: int, limit: int) -> None:
         finally:
             await stop_process(aggregator)
         seed = summarize(await run_fleet("seed", bootstrap, layout.prefix, layout.partitions, instances, limit), limit)
-    print(f"\n| middleware | processes | limit | tokens admitted | overshoot | of limit | ms of fleet spend | calls |")
+    print("\n| middleware | processes | limit | tokens admitted | overshoot | of limit | ms of fleet spend | calls |")
     print("|---|---|---|---|---|---|---|---|")
     for name, figures in (("ours (Kafka)", ours), ("seed (memory per process)", seed)):
         print(f"| {name} | {instances} | {limit:,} | {figures['tokens']:,} | {figures['overshoot']:,} | "

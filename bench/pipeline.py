@@ -20,21 +20,21 @@ import signal
 import sys
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from _common import REPO, broker, emit, fresh_layout, median
 
 from aggregator.verify import end_offsets
 from producer import KafkaConnection, ProducerConfig, UsagePublisher, ensure_topics
-from transport.admin import committed_offsets
 from schemas.topics import TopicLayout
 from schemas.wire import UsageDraft
+from transport.admin import committed_offsets
 
 
 def make_events(count: int, tenants: int = 10_000) -> list[UsageDraft]:
     """Events as the middleware hands them to the publisher."""
     rng = random.Random(1)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return [
         UsageDraft(
             event_id=f"bench{i:012d}", tenant_id=f"tenant-{rng.randrange(tenants):05d}",
@@ -65,7 +65,7 @@ async def aggregate(connection: KafkaConnection, layout: TopicLayout, processes:
     logs.mkdir(parents=True, exist_ok=True)
     children = []
     for index in range(processes):
-        with open(logs / f"{group}-{index}.log", "w") as log:
+        with open(logs / f"{group}-{index}.log", "w") as log:  # noqa: ASYNC230 - a local log file
             children.append(await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "aggregator", "--bootstrap-servers", connection.bootstrap_servers,
                 "--topic-prefix", layout.prefix, "--group-id", group, "--log-level", "INFO",
@@ -97,7 +97,7 @@ async def aggregate(connection: KafkaConnection, layout: TopicLayout, processes:
         for child in children:
             try:
                 await asyncio.wait_for(child.wait(), 30)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 child.send_signal(signal.SIGUSR1)
                 await asyncio.sleep(1)
                 child.kill()

@@ -16,7 +16,7 @@ import argparse
 import asyncio
 import random
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from _common import Fleet, broker, emit, fresh_layout, percentile, start_aggregator, stop_process
 
@@ -28,7 +28,7 @@ def draft(index: int, tenant: str, tokens: int, quota: int) -> UsageDraft:
     return UsageDraft(
         event_id=f"prop{index:012d}", tenant_id=tenant, period_key="p", model="m", input_tokens=None,
         output_tokens=None, total_tokens=tokens, cache_creation_input_tokens=None, cache_read_input_tokens=None,
-        reasoning_output_tokens=None, quota_tokens=quota, event_time=datetime.now(timezone.utc), streaming=False,
+        reasoning_output_tokens=None, quota_tokens=quota, event_time=datetime.now(UTC), streaming=False,
         estimated=False, instance_id="bench-load", attributes={},
     )
 

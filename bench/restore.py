@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from _common import broker, emit, fresh_layout, median
 
@@ -30,7 +30,7 @@ async def write_changelog(connection: KafkaConnection, topic: str, keys: int, pa
     producer = AIOKafkaProducer(**connection.client_kwargs(), acks="all", linger_ms=20, max_batch_size=1024 * 1024)
     await producer.start()
     started = time.perf_counter()
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     try:
         pending = []
         for partition in range(partitions):

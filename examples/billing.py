@@ -18,16 +18,16 @@ import json
 import os
 import sys
 from collections import defaultdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from aggregator.changelog import read_ranges  # noqa: E402
-from aggregator.verify import Recompute  # noqa: E402
-from transport.connection import KafkaConnection  # noqa: E402
-from transport.admin import topic_partitions  # noqa: E402
-from schemas.topics import DEFAULT_PREFIX, TopicLayout  # noqa: E402
+from aggregator.changelog import read_ranges
+from aggregator.verify import Recompute
+from schemas.topics import DEFAULT_PREFIX, TopicLayout
+from transport.admin import topic_partitions
+from transport.connection import KafkaConnection
 
 Prices = dict[str, dict[str, float]]
 
@@ -73,7 +73,7 @@ def main() -> int:
     parser.add_argument("--topic-prefix", default=os.environ.get("TOKENGUARD_TOPIC_PREFIX", DEFAULT_PREFIX))
     parser.add_argument("--since", type=datetime.fromisoformat, help="only events at or after this time (UTC if naive)")
     args = parser.parse_args()
-    since = args.since.replace(tzinfo=args.since.tzinfo or timezone.utc) if args.since else None
+    since = args.since.replace(tzinfo=args.since.tzinfo or UTC) if args.since else None
     rows = asyncio.run(bill(KafkaConnection(bootstrap_servers=args.bootstrap_servers),
                             TopicLayout(prefix=args.topic_prefix), json.loads(args.prices.read_text()), since))
     with open(args.out, "w", newline="") as file:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent_framework import Agent  # noqa: E402
+from agent_framework import Agent
 
-from producer import (  # noqa: E402
+from producer import (
     KafkaConnection,
     KafkaQuotaStore,
     ProducerConfig,
@@ -26,9 +26,10 @@ from producer import (  # noqa: E402
     TokenGuardMiddleware,
     tenant_scope,
 )
-from producer.scripted import ScriptedChatClient  # noqa: E402
-from schemas.topics import TopicLayout  # noqa: E402
+from producer.scripted import ScriptedChatClient
+from schemas.topics import TopicLayout
 
+SPOOL_DIR = Path(__file__).resolve().parent.parent / ".cache" / "demo" / "spool"
 
 async def run(args: argparse.Namespace) -> dict:
     limits: dict[str, int] = json.loads(args.tenants)
@@ -37,7 +38,7 @@ async def run(args: argparse.Namespace) -> dict:
         topics=TopicLayout(prefix=args.topic_prefix, partitions=args.partitions),
         instance_id=args.instance,
         create_topics=False,
-        spool_dir=Path(__file__).resolve().parent.parent / ".cache" / "demo" / "spool",
+        spool_dir=SPOOL_DIR,
     )
     rng = random.Random(args.seed)
     tally = {tenant: {"allowed": 0, "blocked": 0, "tokens": 0, "streamed": 0} for tenant in limits}

@@ -29,11 +29,11 @@ from rich.table import Table  # noqa: E402
 
 import localkafka  # noqa: E402
 from producer import KafkaConnection, ensure_topics  # noqa: E402
-from transport.follower import TopicFollower  # noqa: E402
 from schemas.notices import Heartbeat  # noqa: E402
 from schemas.topics import TopicLayout  # noqa: E402
 from schemas.totals import TotalsRecord  # noqa: E402
 from schemas.wire import decode_notice, decode_totals  # noqa: E402
+from transport.follower import TopicFollower  # noqa: E402
 
 TENANTS = {
     "initech": 40_000,

@@ -7,7 +7,6 @@ The seed's names (``TokenGuardMiddleware``, ``QuotaStore``, ``InMemoryQuotaStore
 
 from producer.config import KafkaConnection, ProducerConfig
 from producer.errors import InvalidCallError, PublisherError, QuotaExceededError, TokenGuardError
-from transport.admin import TopicMismatchError, ensure_topics
 from producer.kafka_store import KafkaQuotaStore
 from producer.middleware import TokenGuardMiddleware
 from producer.periods import day_key, month_key, seed_week_key, week_key
@@ -15,6 +14,7 @@ from producer.publisher import UsagePublisher
 from producer.snapshot import QuotaSnapshot
 from producer.store import CallUsage, Decision, InMemoryQuotaStore, QuotaBackend, QuotaStore, UsageCallback
 from producer.tenancy import default_user_id_getter, tenant_scope
+from transport.admin import TopicMismatchError, ensure_topics
 
 __all__ = [
     "CallUsage",

@@ -9,11 +9,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import SecretStr
-
 from producer.validation import MAX_INSTANCE_CHARS, check_instance_id
 from schemas.topics import TopicLayout
-from transport.connection import KafkaConnection, SecurityProtocol, flag_from_env, layout_from_env
+from transport.connection import KafkaConnection, flag_from_env, layout_from_env
+
 
 def default_instance_id() -> str:
     """``<host>-<pid>``, the host name cut so the whole fits the usage schema's instance id."""

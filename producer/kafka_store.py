@@ -18,13 +18,13 @@ from dataclasses import dataclass
 
 from producer.config import ProducerConfig
 from producer.errors import UsageSpoolFullError
-from transport.admin import ensure_topics
 from producer.notices_feed import NoticesFeed
 from producer.publisher import UsagePublisher
 from producer.snapshot import QuotaSnapshot
 from producer.store import CallUsage, Decision
 from producer.validation import check_attributes, check_call_keys, fit_usage
 from schemas.wire import UsageDraft, UsageLike
+from transport.admin import ensure_topics
 
 log = logging.getLogger(__name__)
 

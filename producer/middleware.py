@@ -7,7 +7,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from agent_framework import ChatContext, ChatMiddleware
@@ -234,7 +234,7 @@ class TokenGuardMiddleware(ChatMiddleware):
             reasoning_output_tokens=counts.reasoning_output_tokens,
             quota_tokens=self.quota_tokens,
             streaming=streaming,
-            event_time=datetime.now(timezone.utc),
+            event_time=datetime.now(UTC),
             estimated=estimated,
         )
         used_after = self._backend.record(usage)

@@ -29,12 +29,12 @@ from collections.abc import Callable
 from aiokafka.structs import ConsumerRecord
 
 from producer.config import ProducerConfig
-from transport.follower import TopicFollower
-from transport.admin import topic_partitions
 from producer.snapshot import QuotaSnapshot, from_the_future, within_end
 from schemas.errors import DecodeError
 from schemas.notices import Heartbeat, QuotaNotice
 from schemas.wire import decode_notice, parse_tenant_period_key
+from transport.admin import topic_partitions
+from transport.follower import TopicFollower
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class NoticesFeed:
         if self._pending:
             try:
                 await self._check_pending()
-            except Exception:  # noqa: BLE001 - as with a slow catch-up: go on, the checker retries
+            except Exception:
                 log.warning("notices read at start not yet checked against the usage topic's end offsets", exc_info=True)
         self._checker = asyncio.create_task(self._check_forever(), name="tokenguard-notices-offsets")
 
@@ -149,7 +149,7 @@ class NoticesFeed:
                 if len(self._pending) >= MAX_PENDING:
                     try:
                         await self._check_pending()
-                    except Exception:  # noqa: BLE001 - kept held; the checker task retries
+                    except Exception:
                         log.warning("checking %d held notices against the usage end offsets failed", len(self._pending),
                                     exc_info=True)
 
@@ -176,7 +176,7 @@ class NoticesFeed:
                 self._check_failing = False
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - the next round tries again; the held notices wait
+            except Exception:
                 log.log(logging.DEBUG if self._check_failing else logging.WARNING,
                         "checking notices against the usage topic's end offsets failed; retrying", exc_info=True)
                 self._check_failing = True

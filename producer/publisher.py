@@ -123,7 +123,7 @@ class UsagePublisher:
             producer = self._new_producer()
             try:
                 await asyncio.wait_for(producer.start(), self._config.send_timeout_s)
-            except (asyncio.TimeoutError, KafkaError, OSError) as exc:
+            except (TimeoutError, KafkaError, OSError) as exc:
                 log.debug("Kafka producer could not start yet: %r", exc)
                 await _close_within(producer, 1.0)
                 return None
@@ -142,7 +142,7 @@ class UsagePublisher:
         if task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(task), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -283,7 +283,7 @@ class UsagePublisher:
         """Send the oldest spooled events; True when they were all acknowledged."""
         assert self._spool is not None
         lines = self._spool.peek(self._config.batch_max)
-        events = []
+        events: list[UsageLike] = []
         for line in lines:
             try:
                 events.append(decode_usage(line))
@@ -310,7 +310,7 @@ class UsagePublisher:
             return events
         try:
             failed = await asyncio.wait_for(self._send(producer, events, own), self._config.send_timeout_s)
-        except (asyncio.TimeoutError, KafkaError) as exc:
+        except (TimeoutError, KafkaError) as exc:
             log.warning("%d usage events not acknowledged: %r", len(events), exc)
             failed = events
         if failed:
@@ -337,7 +337,7 @@ class UsagePublisher:
                     continue
                 in_flight.append((future, partition, chunk))
         results = await asyncio.gather(*(future for future, _, _ in in_flight), return_exceptions=True)
-        for (_, partition, chunk), result in zip(in_flight, results):
+        for (_, partition, chunk), result in zip(in_flight, results, strict=True):
             if isinstance(result, BaseException):
                 log.warning("usage batch of %d events to partition %d failed: %r", len(chunk), partition, result)
                 failed.extend(chunk)
@@ -382,7 +382,7 @@ async def _close_within(producer: AIOKafkaProducer, timeout: float) -> None:
     try:
         await asyncio.wait_for(asyncio.shield(stopping), timeout)
         return
-    except asyncio.TimeoutError:
+    except TimeoutError:
         log.warning("the Kafka producer did not close within %.0fs (broker away); abandoning its pending batches", timeout)
     sender_task = getattr(getattr(producer, "_sender", None), "sender_task", None)
     for task in (stopping, sender_task):

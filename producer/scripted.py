@@ -25,10 +25,7 @@ from agent_framework import (
 
 from producer.estimate import estimate_input_tokens, estimate_text_tokens
 
-_WORDS = (
-    "the quota holds because every call is counted once and the fleet hears about a crossed limit "
-    "within a heartbeat so tokens stay inside the budget the operator set for each tenant"
-).split()
+_WORDS = ["the", "quota", "holds", "because", "every", "call", "is", "counted", "once", "and", "the", "fleet", "hears", "about", "a", "crossed", "limit", "within", "a", "heartbeat", "so", "tokens", "stay", "inside", "the", "budget", "the", "operator", "set", "for", "each", "tenant"]
 
 
 class ScriptedChatClient(ChatMiddlewareLayer, FunctionInvocationLayer, BaseChatClient):  # type: ignore[misc]

@@ -120,9 +120,8 @@ class QuotaSnapshot:
         forged notice is written after it (a forged ``emitted_at`` must not outrank it)."""
         entry = self._entry(notice.tenant_id, notice.period_key)
         held = entry.notice
-        if held is not None and held.usage_partition == notice.usage_partition:
-            if notice.usage_offset < held.usage_offset:
-                return False
+        if held is not None and held.usage_partition == notice.usage_partition and notice.usage_offset < held.usage_offset:
+            return False
         entry.notice = notice
         entry.forget_covered()
         self.notices_applied += 1

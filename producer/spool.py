@@ -21,6 +21,7 @@ import os
 import stat
 import uuid
 from pathlib import Path
+from typing import BinaryIO
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def grants_others(mode: int) -> bool:
     return bool(stat.S_IMODE(mode) & 0o077)
 
 
-class SpoolFull(Exception):  # noqa: N818 - a condition the publisher handles, not an error to report
+class SpoolFull(Exception):
     """Appending would take the spool past its size limit."""
 
 
@@ -58,7 +59,7 @@ class Spool:
         self._orphan_locks: list[int] = []
         self._segments: list[Path] = []  # oldest first; the last one of our own is being written
         self._writer: Path | None = None
-        self._write_file = None
+        self._write_file: BinaryIO | None = None
         self._sequence = 0
         self._reading: Path | None = None
         self._lines: list[bytes] = []
@@ -163,8 +164,10 @@ class Spool:
             self._writer = self._dir / f"{self._sequence:012d}.jsonl"
             self._write_file = os.fdopen(_open_private(self._writer, os.O_CREAT | os.O_WRONLY | os.O_APPEND), "ab")
             self._segments.append(self._writer)
-        self._write_file.write(b"".join(line + b"\n" for line in lines))
-        self._write_file.flush()
+        write_file = self._write_file
+        assert write_file is not None
+        write_file.write(b"".join(line + b"\n" for line in lines))
+        write_file.flush()
         self.size_bytes += size
         self.pending += len(lines)
 

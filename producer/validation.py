@@ -23,7 +23,7 @@ import hashlib
 import types
 import typing
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any, NamedTuple
 
 from annotated_types import Le, MaxLen, MinLen
@@ -67,7 +67,7 @@ def _bound(constraints: list[Any], kind: type, attribute: str) -> int:
 def _adapter(name: str) -> TypeAdapter[Any]:
     """Validates one field's value exactly as the aggregator will (strict, same constraints)."""
     info = UsageEvent.model_fields[name]
-    annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation  # type: ignore[misc]
+    annotation: Any = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
     return TypeAdapter(annotation, config=ConfigDict(strict=True))
 
 
@@ -162,7 +162,7 @@ def _largest_event(attributes: dict[str, str]) -> UsageDraft:
         model=escaped * MAX_MODEL_CHARS, input_tokens=MAX_TOKENS_PER_EVENT, output_tokens=MAX_TOKENS_PER_EVENT,
         total_tokens=MAX_TOKENS_PER_EVENT, cache_creation_input_tokens=MAX_TOKENS_PER_EVENT,
         cache_read_input_tokens=MAX_TOKENS_PER_EVENT, reasoning_output_tokens=MAX_TOKENS_PER_EVENT,
-        quota_tokens=MAX_QUOTA_TOKENS, event_time=datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc),
+        quota_tokens=MAX_QUOTA_TOKENS, event_time=datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
         streaming=True, estimated=True, instance_id=wide * MAX_INSTANCE_CHARS, attributes=attributes,
     )
 
@@ -349,10 +349,11 @@ def fit_usage(usage: CallUsage) -> CallUsage:
         return usage
     fixed = [read_count(value) for value in (inp, out, total, *extras)]
     estimated = usage.estimated or any(wrong for _, wrong in fixed)
-    (inp, _), (out, _), (total, _) = fixed[:3]
+    (inp, _), (out, _), (reported, _) = fixed[:3]
     parts = (inp or 0) + (out or 0)
-    if total is None or total < parts:
-        total, estimated = parts, estimated or total is not None or inp is None or out is None
+    total = reported if reported is not None else parts
+    if reported is None or total < parts:
+        total, estimated = parts, estimated or reported is not None or inp is None or out is None
     if total > limit or (inp or 0) > limit or (out or 0) > limit:
         inp = None if inp is None else min(inp, limit)
         out = None if out is None else min(out, limit - (inp or 0))
@@ -363,7 +364,7 @@ def fit_usage(usage: CallUsage) -> CallUsage:
             value, estimated = limit, True
         bounded.append(value)
     quota = read_count(usage.quota_tokens)[0] or 0
-    when = usage.event_time if usage.event_time.tzinfo is not None else usage.event_time.replace(tzinfo=timezone.utc)
+    when = usage.event_time if usage.event_time.tzinfo is not None else usage.event_time.replace(tzinfo=UTC)
     return dataclasses.replace(
         usage, model=bound_model(model), quota_tokens=min(quota, MAX_QUOTA_TOKENS), event_time=when, input_tokens=inp, output_tokens=out, total_tokens=total,
         cache_creation_input_tokens=bounded[0], cache_read_input_tokens=bounded[1],

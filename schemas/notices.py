@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from schemas._types import PeriodKey, Identifier, LimitTokens, Offset, Partition, ShortText, Timestamp
+from schemas._types import Identifier, LimitTokens, Offset, Partition, PeriodKey, ShortText, Timestamp
 
 QuotaState = Literal["ok", "warning", "exceeded"]
 

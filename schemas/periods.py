@@ -9,8 +9,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone, tzinfo
-
+from datetime import UTC, datetime, tzinfo
 
 _cache: dict[tuple[Callable[[datetime], str], tzinfo], tuple[int, str]] = {}
 
@@ -49,17 +48,17 @@ def _seed_week(moment: datetime) -> str:
     return moment.strftime("%Y-W%W")
 
 
-def month_key(*, tz: tzinfo = timezone.utc, now: datetime | None = None) -> str:
+def month_key(*, tz: tzinfo = UTC, now: datetime | None = None) -> str:
     """``2026-04``."""
     return _key(_month, tz, now)
 
 
-def day_key(*, tz: tzinfo = timezone.utc, now: datetime | None = None) -> str:
+def day_key(*, tz: tzinfo = UTC, now: datetime | None = None) -> str:
     """``2026-04-14``."""
     return _key(_day, tz, now)
 
 
-def week_key(*, tz: tzinfo = timezone.utc, now: datetime | None = None) -> str:
+def week_key(*, tz: tzinfo = UTC, now: datetime | None = None) -> str:
     """ISO 8601 week, ``2026-W16``: every week has seven days and belongs to one year.
 
     The seed used ``%Y-W%W``, whose week 00 is the partial week before the year's first Monday, so
@@ -69,7 +68,7 @@ def week_key(*, tz: tzinfo = timezone.utc, now: datetime | None = None) -> str:
     return _key(_iso_week, tz, now)
 
 
-def seed_week_key(*, tz: tzinfo = timezone.utc, now: datetime | None = None) -> str:
+def seed_week_key(*, tz: tzinfo = UTC, now: datetime | None = None) -> str:
     """The seed's ``%Y-W%W`` week key, for continuity with totals stored by the seed."""
     return _key(_seed_week, tz, now)
 

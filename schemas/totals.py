@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas._types import PeriodKey, Identifier, LimitTokens, Offset, Partition, Timestamp
+from schemas._types import Identifier, LimitTokens, Offset, Partition, PeriodKey, Timestamp
 from schemas.notices import QuotaState
 
 

@@ -6,10 +6,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas._types import PeriodKey, Identifier, LimitTokens, ShortText, Timestamp, TokenCount
+from schemas._types import Identifier, LimitTokens, PeriodKey, ShortText, Timestamp, TokenCount
 
 # Additive changes only: a new optional field bumps the version; old versions must still decode.
-USAGE_SCHEMA_VERSION = 1
+USAGE_SCHEMA_VERSION: Literal[1] = 1
 
 AttributeKey = Annotated[str, Field(min_length=1, max_length=64)]
 AttributeValue = Annotated[str, Field(max_length=256)]

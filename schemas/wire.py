@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import operator
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
 import orjson
-
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from schemas.errors import DecodeError
@@ -44,12 +42,12 @@ def _decode(adapter: Any, data: bytes | None, what: str) -> Any:
         return adapter.validate_json(data)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False)
-        first = errors[0] if errors else {"type": "invalid", "loc": (), "msg": str(exc)}
-        if first["type"] == "json_invalid":
-            raise DecodeError("invalid_json", first["msg"]) from None
-        location = ".".join(str(part) for part in first["loc"]) or what
+        kind, loc, message = (errors[0]["type"], errors[0]["loc"], errors[0]["msg"]) if errors else ("invalid", (), str(exc))
+        if kind == "json_invalid":
+            raise DecodeError("invalid_json", message) from None
+        location = ".".join(str(part) for part in loc) or what
         reason = "unsupported_version" if location == "schema_version" else "invalid_schema"
-        raise DecodeError(reason, f"{location}: {first['msg']}") from None
+        raise DecodeError(reason, f"{location}: {message}") from None
 
 
 _USAGE = TypeAdapter(UsageEvent)
@@ -65,12 +63,18 @@ class UsageLike(Protocol):
     """What the publisher needs of an event: a ``UsageEvent``, or an unvalidated draft with the
     same attribute names built on the middleware's hot path."""
 
-    event_id: str
-    tenant_id: str
-    period_key: str
-    total_tokens: int
-    instance_id: str
-    event_time: datetime
+    @property
+    def event_id(self) -> str: ...
+    @property
+    def tenant_id(self) -> str: ...
+    @property
+    def period_key(self) -> str: ...
+    @property
+    def total_tokens(self) -> int: ...
+    @property
+    def instance_id(self) -> str: ...
+    @property
+    def event_time(self) -> datetime: ...
 
 
 @dataclass(slots=True)
@@ -110,7 +114,7 @@ def encode_usage(event: UsageLike) -> bytes:
     """
     if type(event) is UsageDraft:
         return orjson.dumps(event, option=orjson.OPT_UTC_Z)
-    return orjson.dumps(dict(zip(_USAGE_FIELDS, _usage_values(event))), option=orjson.OPT_UTC_Z)
+    return orjson.dumps(dict(zip(_USAGE_FIELDS, _usage_values(event), strict=True)), option=orjson.OPT_UTC_Z)
 
 
 def encode_fields(fields: dict[str, Any]) -> bytes:
@@ -121,7 +125,7 @@ def encode_fields(fields: dict[str, Any]) -> bytes:
 
 
 def decode_usage(data: bytes | None) -> UsageEvent:
-    return _decode(_USAGE, data, "usage")  # type: ignore[no-any-return]
+    return _decode(_USAGE, data, "usage")
 
 
 def decode_usage_record(key: bytes | None, value: bytes | None) -> UsageEvent:
@@ -135,15 +139,15 @@ def decode_usage_record(key: bytes | None, value: bytes | None) -> UsageEvent:
 
 
 def decode_totals(data: bytes | None) -> TotalsRecord:
-    return _decode(_TOTALS, data, "totals")  # type: ignore[no-any-return]
+    return _decode(_TOTALS, data, "totals")
 
 
 def decode_limit(data: bytes | None) -> QuotaLimit:
-    return _decode(_LIMIT, data, "limit")  # type: ignore[no-any-return]
+    return _decode(_LIMIT, data, "limit")
 
 
 def decode_notice(data: bytes | None) -> QuotaNotice | Heartbeat:
-    return _decode(NOTICE_MESSAGE, data, "notice")  # type: ignore[no-any-return]
+    return _decode(NOTICE_MESSAGE, data, "notice")
 
 
 USAGE_EVENT_TYPE = "io.tokenguard.usage.v1"

@@ -7,8 +7,8 @@ import itertools
 import os
 import signal
 import sys
-from datetime import datetime, timezone
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
@@ -16,8 +16,8 @@ from aiokafka.structs import ConsumerRecord
 
 from aggregator.config import AggregatorConfig
 from producer.store import CallUsage
-from transport.connection import KafkaConnection
 from schemas.usage import UsageEvent
+from transport.connection import KafkaConnection
 
 REPO = Path(__file__).resolve().parent.parent
 _ids = itertools.count()
@@ -27,7 +27,7 @@ def make_event(tenant: str, tokens: int, *, period: str = "2026-04", quota: int 
     return UsageEvent(
         event_id=f"test{next(_ids):012d}", tenant_id=tenant, period_key=period, total_tokens=tokens,
         input_tokens=tokens // 3, output_tokens=tokens - tokens // 3, quota_tokens=quota,
-        event_time=datetime.now(timezone.utc), instance_id="test",
+        event_time=datetime.now(UTC), instance_id="test",
     )
 
 
@@ -64,7 +64,7 @@ class AggregatorProcess:
         ]
         if self.instance_id:
             args += ["--instance-id", self.instance_id]
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        log = open(self.log_path, "ab")  # noqa: SIM115, ASYNC230 - handed to the child; a local file
         try:
             self.process = await asyncio.create_subprocess_exec(
                 *args, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **self.env},
@@ -98,8 +98,8 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 10.0, what:
 
 async def read_topic(connection: KafkaConnection, topic: str) -> list[ConsumerRecord]:
     """Every record of ``topic`` up to its current end."""
-    from transport.reading import read_ranges
     from transport.admin import topic_partitions
+    from transport.reading import read_ranges
 
     records: list[ConsumerRecord] = []
     partitions = await topic_partitions(connection, topic)
@@ -113,7 +113,7 @@ def call_usage(tenant: str, tokens: int, *, period: str = "2026-04", quota: int 
     return CallUsage(
         tenant_id=tenant, period_key=period, model="m", input_tokens=None, output_tokens=None, total_tokens=tokens,
         cache_creation_input_tokens=None, cache_read_input_tokens=None, reasoning_output_tokens=None,
-        quota_tokens=quota, streaming=False, event_time=datetime.now(timezone.utc),
+        quota_tokens=quota, streaming=False, event_time=datetime.now(UTC),
     )
 
 
@@ -151,7 +151,7 @@ async def send_with_raw_header_name(
         await producer.send_and_wait(topic, value, key=key, headers=[(_RawHeaderName(raw_name), b"x")])
     finally:
         await producer.stop()
-        for module, builder in zip(modules, saved):
+        for module, builder in zip(modules, saved, strict=True):
             module.DefaultRecordBatchBuilder = builder
 
 

@@ -29,8 +29,8 @@ from collections.abc import Awaitable, Callable
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from transport.connection import KafkaConnection
 from transport.admin import close_consumer, reached, start_consumer, topic_partitions
+from transport.connection import KafkaConnection
 from transport.fetch import getmany_safe
 
 log = logging.getLogger(__name__)
@@ -163,14 +163,14 @@ class TopicFollower:
         try:
             await self._on_records(records)
             return
-        except Exception as exc:  # noqa: BLE001 - isolated below, record by record
+        except Exception as exc:
             if len(records) == 1:
                 self._handler_failed(records[0], exc)
                 return
         for record in records:
             try:
                 await self._on_records([record])
-            except Exception as exc:  # noqa: BLE001 - a record the handler cannot take is skipped
+            except Exception as exc:
                 self._handler_failed(record, exc)
 
     def _handler_failed(self, record: ConsumerRecord, error: Exception) -> None:

@@ -4,7 +4,7 @@ billing all read this way, so they never disturb a consumer group."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
@@ -16,7 +16,7 @@ from transport.fetch import Unreadable, getmany_safe
 
 # (first offset, end offset) per partition; end is exclusive. None as the first offset: the
 # partition's beginning; None as the end: where the partition ends when reading starts.
-Ranges = dict[int, tuple[int | None, int | None]]
+Ranges = Mapping[int, tuple[int | None, int | None]]
 
 
 async def read_ranges(

@@ -19,7 +19,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
@@ -31,15 +31,15 @@ from pydantic import SecretStr
 import localkafka
 from aggregator import AggregatorConfig, AggregatorService
 from aggregator.acls import Principals, apply_acls, deployment_acls, describe_acls
-from transport.reading import read_ranges
 from producer import KafkaConnection, KafkaQuotaStore, ProducerConfig
-from transport.admin import close_consumer, start_consumer
 from schemas.limits import QuotaLimit
 from schemas.notices import Heartbeat, QuotaNotice
 from schemas.topics import TopicLayout
 from schemas.totals import TotalsRecord
 from schemas.wire import encode, heartbeat_key, limit_key, tenant_period_key
 from tests.helpers import REPO, call_usage, eventually
+from transport.admin import close_consumer, start_consumer
+from transport.reading import read_ranges
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -177,7 +177,7 @@ async def consume(connection: KafkaConnection, topic: str, group_id: str | None 
 
 def forgeries(layout: TopicLayout) -> list[tuple[str, str, bytes, bytes]]:
     """(what, topic, key, value): each control record an agent must not be able to write."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     notice = QuotaNotice(tenant_id="zed", period_key="2026-11", state="exceeded", used_tokens=10**9, limit_tokens=1,
                          usage_partition=0, usage_offset=2**62, aggregator_id="forger", emitted_at=now)
     return [

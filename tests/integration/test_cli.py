@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import sys
+from datetime import UTC
 
 import pytest
 
@@ -84,7 +85,7 @@ async def test_unreachable_kafka_is_a_clear_error(aggregator_config: AggregatorC
 async def test_usage_show_writes_no_escape_bytes_from_the_changelog(aggregator_config: AggregatorConfig) -> None:
     """A record on the totals topic can hold anything its writers put there: nothing of it reaches
     the operator's terminal raw (the schema refuses such keys now; the output escapes them anyway)."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from schemas.totals import TotalsRecord
     from schemas.wire import encode, tenant_period_key
@@ -92,7 +93,7 @@ async def test_usage_show_writes_no_escape_bytes_from_the_changelog(aggregator_c
 
     assert (await tokenguard(aggregator_config, "topics", "create"))[0] == 0
     good = TotalsRecord(tenant_id="acme", period_key="2026-11", used_tokens=7, event_count=1, limit_tokens=100,
-                        state="ok", usage_partition=0, applied_offset=0, updated_at=datetime.now(timezone.utc))
+                        state="ok", usage_partition=0, applied_offset=0, updated_at=datetime.now(UTC))
     hostile = "2026-11\x1b[2J\x1b]0;owned\x07"
     raw = encode(good).replace(b'"2026-11"', b'"2026-11\\u001b[2J\\u001b]0;owned\\u0007"')
     assert raw != encode(good)

@@ -22,7 +22,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -32,19 +32,19 @@ from aiokafka.structs import ConsumerRecord
 
 from aggregator import AggregatorConfig, AggregatorService
 from aggregator.changelog import read_changelog
-from transport.reading import end_offsets
 from aggregator.deadletter import MAX_DEAD_LETTER_BYTES
 from aggregator.intake import expected_partition
 from aggregator.verify import verify
 from producer import ProducerConfig, ensure_topics
-from transport.admin import close_consumer, start_consumer, topic_partitions
 from producer.notices_feed import NoticesFeed
 from producer.snapshot import QuotaSnapshot
 from schemas.topics import TopicLayout
 from schemas.totals import TotalsRecord
 from schemas.wire import MAX_RECORD_BYTES, encode, tenant_period_key
 from tests.helpers import AggregatorProcess, RawRecord, eventually, read_topic, send_raw_header_record, send_records
+from transport.admin import close_consumer, start_consumer, topic_partitions
 from transport.fetch import getmany_safe
+from transport.reading import end_offsets
 
 pytestmark = pytest.mark.integration
 
@@ -136,7 +136,7 @@ async def write(connection, layout: TopicLayout, planned: list[Planned]) -> None
     start = 0
     for end in [i for i, p in enumerate(planned) if p.raw_header] + [len(planned)]:
         chunk = planned[start:end]
-        for item, at in zip(chunk, await send_records(connection, layout.usage, [p.record for p in chunk])):
+        for item, at in zip(chunk, await send_records(connection, layout.usage, [p.record for p in chunk]), strict=True):
             item.at = at
             assert at[0] == item.record.partition
         if end < len(planned):
@@ -185,7 +185,7 @@ async def shutdown(aggregator: AggregatorService) -> None:
     try:
         await aggregator.stop()
         return
-    except Exception:  # noqa: BLE001, S110 - a crashed consume loop; cleaned up below
+    except Exception:
         pass
     for follower in (aggregator._watch._follower, aggregator._limits_feed._follower):
         for _ in range(2):  # the first call may re-raise its dead task's error before closing
@@ -216,7 +216,7 @@ async def try_start(config: AggregatorConfig) -> tuple[AggregatorService | None,
                 task = aggregator._task
                 died = task.exception() if task is not None and task.done() else None
                 error = f"the consume loop ended before its partitions were restored: {died!r}"
-        except Exception as exc:  # noqa: BLE001 - reported by the caller
+        except Exception as exc:
             error = f"start() raised {type(exc).__name__}: {exc}"
         if error is not None:
             await shutdown(aggregator)
@@ -322,7 +322,7 @@ def table(big_value_bytes: int) -> tuple[list[Planned], list[Planned], list[Plan
         good(
             "other headers with null values",
             e := ev(globex, 7),
-            headers=ce(e["event_id"]) + [("x-trace", None), ("", b"")],
+            headers=[*ce(e["event_id"]), ("x-trace", None), ("", b"")],
         ),
         good("1000 headers", e := ev(initech, 8), headers=ce(e["event_id"]) + [(f"h{i}", b"v") for i in range(1000)]),
         good(
@@ -562,7 +562,7 @@ class Recorder:
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> Recorder:  # noqa: PYI034
+    async def __aenter__(self) -> Recorder:
         consumer = AIOKafkaConsumer(
             **self.connection.client_kwargs(),
             group_id=None,
@@ -626,7 +626,7 @@ def forged_notice(tenant: str, period: str, state: str, **fields: object) -> byt
         "usage_offset": 0,
         "reason": "forged",
         "aggregator_id": "forger",
-        "emitted_at": datetime.now(timezone.utc).isoformat(),
+        "emitted_at": datetime.now(UTC).isoformat(),
     }
     notice.update(fields)
     return json.dumps(notice).encode()
@@ -785,7 +785,7 @@ async def test_forged_totals_records_do_not_freeze_a_tenant_after_restart(
             "state": "exceeded",
             "usage_partition": p,
             "applied_offset": 2**62,
-            "updated_at": datetime.now(timezone.utc).isoformat(),
+            "updated_at": datetime.now(UTC).isoformat(),
         }
         record.update(fields)
         TotalsRecord.model_validate_json(json.dumps(record))  # each one is a valid record on its own
@@ -1059,7 +1059,7 @@ async def test_forged_totals_on_another_partition_does_not_freeze_a_tenant(
         state="exceeded",
         usage_partition=q,
         applied_offset=199,
-        updated_at=datetime.now(timezone.utc),
+        updated_at=datetime.now(UTC),
     )
     await send_records(connection, layout.totals, [RawRecord(tenant_period_key(*key), encode(forged), partition=q)])
     aggregator = await running_aggregator(aggregator_config)
@@ -1126,7 +1126,7 @@ async def test_middleware_blocks_again_after_a_forged_ok_dated_ahead(
                 ),
                 20,
             )
-            ahead = datetime.fromtimestamp(time.time() + 50, timezone.utc).isoformat()
+            ahead = datetime.fromtimestamp(time.time() + 50, UTC).isoformat()
             await forge(
                 connection,
                 layout,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from agent_framework import Agent
@@ -25,7 +25,7 @@ def usage(tenant: str, tokens: int, *, period: str = "2026-04", quota: int = 10*
     return CallUsage(
         tenant_id=tenant, period_key=period, model="m", input_tokens=tokens // 2, output_tokens=tokens - tokens // 2,
         total_tokens=tokens, cache_creation_input_tokens=None, cache_read_input_tokens=None,
-        reasoning_output_tokens=None, quota_tokens=quota, streaming=False, event_time=datetime.now(timezone.utc),
+        reasoning_output_tokens=None, quota_tokens=quota, streaming=False, event_time=datetime.now(UTC),
     )
 
 
@@ -231,7 +231,7 @@ async def test_limit_changes_apply_at_once_raised_unblocks_lowered_blocks(
         await store.feed.wait_until(state_is("exceeded", 500), timeout=30)
         assert not store.check("acme", period, 500).allowed
 
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         await write_limit(producer_config.connection, layout, QuotaLimit(tenant_id="acme", limit_tokens=10_000, updated_at=now))
         await store.feed.wait_until(state_is("ok", 10_000), timeout=30)
         assert store.check("acme", period, 500).allowed, "a raised limit unblocks at once"

@@ -4,7 +4,7 @@ bounded, and every event the store publishes readable by the aggregator."""
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from agent_framework import Agent
@@ -36,7 +36,7 @@ NESTED_KEY = b"[" * 100_000 + b"]" * 100_000  # json.loads raises RecursionError
 
 
 def limit(tenant: str | None, tokens: int) -> QuotaLimit:
-    return QuotaLimit(tenant_id=tenant, limit_tokens=tokens, updated_at=datetime.now(timezone.utc))
+    return QuotaLimit(tenant_id=tenant, limit_tokens=tokens, updated_at=datetime.now(UTC))
 
 
 async def write_hostile_limits(config: AggregatorConfig) -> None:
@@ -91,7 +91,7 @@ async def test_the_notices_feed_survives_garbage_notices(producer_config: Produc
     def notice(used: int) -> QuotaNotice:
         return QuotaNotice(
             tenant_id="acme", period_key="2026-04", state="ok", used_tokens=used, limit_tokens=1_000,
-            usage_partition=0, usage_offset=-1, aggregator_id="agg", emitted_at=datetime.now(timezone.utc),
+            usage_partition=0, usage_offset=-1, aggregator_id="agg", emitted_at=datetime.now(UTC),
         )
 
     garbage = [
@@ -126,7 +126,7 @@ async def test_the_notices_feed_survives_garbage_notices(producer_config: Produc
 def acme_notice(state: str, offset: int, *, partition: int, used: int, limit_tokens: int = 500) -> QuotaNotice:
     return QuotaNotice(
         tenant_id="acme", period_key="2026-04", state=state, used_tokens=used, limit_tokens=limit_tokens,  # type: ignore[arg-type]
-        usage_partition=partition, usage_offset=offset, aggregator_id="agg", emitted_at=datetime.now(timezone.utc),
+        usage_partition=partition, usage_offset=offset, aggregator_id="agg", emitted_at=datetime.now(UTC),
     )
 
 
@@ -176,7 +176,7 @@ async def test_a_heartbeat_dated_9999_does_not_keep_a_partition_fresh(producer_c
     await ensure_topics(config.connection, config.topics)
     async with KafkaQuotaStore(config) as store:
         partition = store.publisher.partition_of("acme")
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         old = Heartbeat(usage_partition=partition, usage_offset=-1, aggregator_id="agg", emitted_at=now - timedelta(seconds=60))
         forged = Heartbeat(usage_partition=partition, usage_offset=-1, aggregator_id="forger", emitted_at=now.replace(year=9999))
         await send_raw(config.connection, config.topics.notices, [
@@ -187,7 +187,7 @@ async def test_a_heartbeat_dated_9999_does_not_keep_a_partition_fresh(producer_c
         assert age is not None and age >= 60, "the partition's age comes from the genuine (old) heartbeat"
         decision = store.check("acme", "2026-04", 10**6)
         assert not decision.allowed and decision.reason == "quota_state_stale"
-        fresh = Heartbeat(usage_partition=partition, usage_offset=-1, aggregator_id="agg", emitted_at=datetime.now(timezone.utc))
+        fresh = Heartbeat(usage_partition=partition, usage_offset=-1, aggregator_id="agg", emitted_at=datetime.now(UTC))
         await send_raw(config.connection, config.topics.notices, [(heartbeat_key(partition), encode(fresh))])
         await eventually(lambda: (store.snapshot.heartbeat_age(partition) or 99) < 5, 30, "a genuine heartbeat heard")
         assert store.check("acme", "2026-04", 10**6).allowed

@@ -31,11 +31,11 @@ from aggregator import AggregatorConfig
 from aggregator.changelog import read_changelog
 from aggregator.verify import verify
 from producer import ensure_topics
-from transport.connection import KafkaConnection
 from schemas.topics import TopicLayout
 from schemas.usage import UsageEvent
 from schemas.wire import encode_usage, usage_headers, usage_key
 from tests.helpers import AggregatorProcess, eventually, make_event
+from transport.connection import KafkaConnection
 
 pytestmark = pytest.mark.integration
 

@@ -7,9 +7,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from transport.connection import KafkaConnection
-from transport.admin import close_consumer, start_consumer
 from tests.helpers import send_raw, send_with_raw_header_name
+from transport.admin import close_consumer, start_consumer
+from transport.connection import KafkaConnection
 from transport.fetch import getmany_safe
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from aiokafka.errors import GroupAuthorizationFailedError, KafkaConnectionError, TopicAuthorizationFailedError
@@ -35,12 +35,12 @@ from aggregator.cli import (
     validation_message,
 )
 from aggregator.errors import AggregatorError
-from transport.connection import KafkaConnection
-from transport.admin import TopicMismatchError
 from schemas.limits import QuotaLimit
 from schemas.topics import TopicLayout
 from schemas.totals import TotalsRecord
 from tests.helpers import REPO
+from transport.admin import TopicMismatchError
+from transport.connection import KafkaConnection
 
 ESC = "\x1b"
 
@@ -77,7 +77,7 @@ def _hostile_totals() -> TotalsRecord:
     # model_construct: a record as a topic could hold it, whatever the schema of the day accepts.
     return TotalsRecord.model_construct(
         tenant_id=f"ten{ESC}]0;pwned\x07ant", period_key=f"2026-11{ESC}[2J", used_tokens=5, event_count=1,
-        limit_tokens=10, state="ok", usage_partition=0, applied_offset=3, updated_at=datetime.now(timezone.utc),
+        limit_tokens=10, state="ok", usage_partition=0, applied_offset=3, updated_at=datetime.now(UTC),
     )
 
 
@@ -89,13 +89,13 @@ def test_usage_rows_and_limits_write_no_control_character() -> None:
     line = totals_json(record)
     assert line.isascii() and ESC not in line and "\\u001b[2J" in line
     limit = QuotaLimit.model_construct(tenant_id=f"acme{ESC}[31m", limit_tokens=5, period="any", warning_ratio=None,
-                                       updated_at=datetime.now(timezone.utc))
+                                       updated_at=datetime.now(UTC))
     assert ESC not in show_limit(limit) and "acme\\x1b[31m" in show_limit(limit)
 
 
 def test_validation_errors_read_as_one_line_naming_the_flag() -> None:
     with pytest.raises(ValidationError) as caught:
-        QuotaLimit(tenant_id="acme", limit_tokens=-1, warning_ratio=2.0, updated_at=datetime.now(timezone.utc))
+        QuotaLimit(tenant_id="acme", limit_tokens=-1, warning_ratio=2.0, updated_at=datetime.now(UTC))
     message = validation_message(caught.value, {"limit_tokens": "--tokens", "warning_ratio": "--warning-ratio"})
     assert "\n" not in message
     assert message.startswith("--tokens: Input should be greater than or equal to 0; --warning-ratio:")
@@ -287,7 +287,7 @@ def outcomes() -> dict[Case, Outcome]:
     cases = _cases()
     with silent_server() as silent, ThreadPoolExecutor(max_workers=6) as pool:
         results = list(pool.map(lambda case: _run(*case, silent), cases))
-    return dict(zip(cases, results))
+    return dict(zip(cases, results, strict=True))
 
 
 @pytest.mark.parametrize("args", USAGE_ERRORS, ids=lambda args: " ".join(args)[:40])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -45,7 +45,7 @@ B_TENANTS = [
 ]
 A_IDS = [f"aid{i:08d}" for i in range(8)]
 PERIODS = ["2026-04", "2026-05"]
-T0 = datetime(2026, 4, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 4, 1, tzinfo=UTC)
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import string
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ from pydantic import ValidationError
 from aggregator.limits import tenant_of_limit_key
 from producer import InMemoryQuotaStore, KafkaConnection, KafkaQuotaStore, ProducerConfig, TokenGuardMiddleware
 from producer.errors import InvalidCallError, TokenGuardError
-from transport.follower import TopicFollower
 from producer.metrics import register_metrics
 from producer.scripted import ScriptedChatClient
 from producer.store import CallUsage, Decision
@@ -43,8 +42,9 @@ from producer.validation import (
 from schemas import _types
 from schemas.usage import UsageEvent
 from schemas.wire import decode_usage, encode_usage
+from transport.follower import TopicFollower
 
-NOW = datetime(2026, 4, 14, tzinfo=timezone.utc)
+NOW = datetime(2026, 4, 14, tzinfo=UTC)
 
 
 def event(**changes: Any) -> UsageEvent:

@@ -1,17 +1,16 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schemas import DecodeError, QuotaLimit, UsageEvent
-from schemas import export, wire
+from schemas import DecodeError, QuotaLimit, UsageEvent, export, wire
 from schemas.notices import Heartbeat, QuotaNotice
 
-NOW = datetime(2026, 4, 14, 11, 46, 9, tzinfo=timezone.utc)
+NOW = datetime(2026, 4, 14, 11, 46, 9, tzinfo=UTC)
 
 
 def event(**overrides: object) -> UsageEvent:
@@ -150,7 +149,7 @@ def test_the_publisher_fast_encoding_decodes_to_the_same_event() -> None:
     tenant=st.text(min_size=1, max_size=40).filter(str.isprintable),
     tokens=st.integers(0, 100_000_000),
     model=st.none() | st.text(max_size=50),
-    when=st.datetimes(timezones=st.just(timezone.utc)),
+    when=st.datetimes(timezones=st.just(UTC)),
     attributes=st.dictionaries(st.text(min_size=1, max_size=10), st.text(max_size=20), max_size=5),
 )
 def test_fast_encoding_round_trips_any_valid_event(

@@ -1,11 +1,11 @@
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from producer.snapshot import QuotaSnapshot, from_the_future, within_end
 from schemas.notices import Heartbeat, QuotaNotice
 
-T0 = datetime(2026, 4, 14, tzinfo=timezone.utc)
+T0 = datetime(2026, 4, 14, tzinfo=UTC)
 
 
 def notice(used: int, offset: int, *, state: str = "ok", limit: int = 100, partition: int = 0, at: int = 0) -> QuotaNotice:

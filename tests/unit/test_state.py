@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import itertools
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -12,7 +12,7 @@ from schemas.limits import QuotaLimit
 from schemas.totals import TotalsRecord
 from schemas.usage import UsageEvent
 
-NOW = datetime(2026, 4, 14, tzinfo=timezone.utc)
+NOW = datetime(2026, 4, 14, tzinfo=UTC)
 _ids = itertools.count()
 
 
