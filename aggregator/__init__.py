@@ -2,8 +2,9 @@
 
 from aggregator.config import AggregatorConfig
 from aggregator.errors import AggregatorError, RestoreError
-from aggregator.service import AggregatorService, AggregatorStats
+from aggregator.service import AggregatorService
 from aggregator.state import Limits, Totals, TotalsState, classify
+from aggregator.stats import AggregatorStats
 
 __all__ = [
     "AggregatorConfig",

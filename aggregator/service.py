@@ -1,9 +1,10 @@
 """The aggregator service: consume usage in a group, keep exact totals, publish notices.
 
 This module holds the lifecycle, the consume loop, the rebalance hooks and the heartbeats. The
-parts with rules of their own live beside it: ``recovery`` (state of newly assigned partitions),
-``checkpoint`` (the numbered commit order), ``intake`` (what a record must be to count),
-``deadletter``, ``notices`` (policing the notices topic) and ``state`` (the pure totals).
+parts with rules of their own live beside it: ``batch`` (polling and applying a batch),
+``recovery`` (state of newly assigned partitions), ``checkpoint`` (the numbered commit order),
+``intake`` (what a record must be to count), ``deadletter``, ``notices`` (policing the notices
+topic) and ``state`` (the pure totals).
 
 How a batch meets a rebalance: records are applied only for partitions in ``_owned`` (assigned
 and restored), and only in offset order from the position recovery sought to. A partition that is
@@ -19,22 +20,20 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.structs import ConsumerRecord
 
 from aggregator import recovery
+from aggregator.batch import BatchApplier
 from aggregator.checkpoint import Checkpoint
 from aggregator.config import AggregatorConfig
-from aggregator.deadletter import dead_letter
-from aggregator.intake import accept, expected_partition
+from aggregator.intake import expected_partition
 from aggregator.limits import LimitsFeed
 from aggregator.notices import NoticesWatch
-from aggregator.state import Limits, Outcome, TotalsState
-from schemas.errors import DecodeError
+from aggregator.state import Limits, TotalsState
+from aggregator.stats import AggregatorStats
 from schemas.notices import Heartbeat
 from schemas.wire import encode, heartbeat_key
 from transport.admin import (
@@ -44,33 +43,12 @@ from transport.admin import (
     start_consumer,
     topic_partitions,
 )
-from transport.fetch import Unreadable, getmany_safe
 
 if TYPE_CHECKING:
     from aggregator.metrics import MetricsServer
 
 log = logging.getLogger(__name__)
 
-Poll = tuple[dict[TopicPartition, list[ConsumerRecord]], list[Unreadable]]
-
-
-@dataclass
-class AggregatorStats:
-    events: int = 0
-    replays_skipped: int = 0
-    duplicates_dropped: int = 0
-    dead_letters: int = 0
-    notices: int = 0
-    heartbeats: int = 0
-    flushes: int = 0
-    commit_failures: int = 0
-    restored_keys: int = 0
-    last_restore_s: float = 0.0
-    id_conflicts: int = 0
-    unreadable_records: int = 0
-    changelog_rejected: int = 0
-    reasserted: int = 0
-    corrections: int = 0
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -182,6 +160,10 @@ class AggregatorService:
             raise
         self._producer, self._consumer = producer, consumer
         self._checkpoint = Checkpoint(producer, consumer, config.topics, config.aggregator_id)
+        self._batch = BatchApplier(
+            config, self.state, self.stats, self._checkpoint,
+            partitions=self._partitions, owned=self._owned, next_offsets=self._next,
+        )
         self._stopping = False
         self._next_reassert = time.monotonic() + config.reassert_interval_s
         self._task = asyncio.create_task(self._run(), name="tokenguard-aggregator")
@@ -233,124 +215,14 @@ class AggregatorService:
                     await self._restore()
             # Poll without the lock: during a rebalance getmany() waits for the new assignment, and
             # the rebalance waits for on_partitions_revoked, which needs the lock.
-            polls = await self._poll_batch(consumer)
+            polls = await self._batch.poll(consumer, lambda: self._stopping)
             async with self._lock:
                 # 1. Apply, poll by poll, in order (see the module docstring for rebalances).
                 for records, unreadable in polls:
-                    await self._apply_poll(records, unreadable)
+                    await self._batch.apply(records, unreadable)
                 await self._flush()
                 await self._heartbeat_if_due()
                 self._reassert_if_due()
-
-    async def _poll_batch(self, consumer: AIOKafkaConsumer) -> list[Poll]:
-        """One batch: polls until ``batch_max`` records or ``batch_window_ms`` after the first one.
-
-        Each poll is bounded: aiokafka's getmany() ignores its timeout while the group has no
-        assignment, which would otherwise keep stop() waiting through a stuck rebalance."""
-        window_s = self.config.batch_window_ms / 1000
-        polls: list[Poll] = []
-        count = 0
-        closes_at = None
-        while count < self.config.batch_max and not self._stopping:
-            remaining = window_s if closes_at is None else closes_at - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                more, unreadable = await getmany_safe(
-                    consumer,
-                    timeout_ms=max(1, int(remaining * 1000)),
-                    max_records=self.config.batch_max - count,
-                    bound_s=remaining + 1.0,
-                )
-            except TimeoutError:
-                break
-            if not more and not unreadable:
-                break
-            polls.append((more, unreadable))
-            count += sum(len(records) for records in more.values()) + len(unreadable)
-            if closes_at is None:
-                closes_at = time.monotonic() + window_s
-        return polls
-
-    async def _apply_poll(self, batches: dict[TopicPartition, list[ConsumerRecord]], unreadable: list[Unreadable]) -> None:
-        """Apply one poll's records of owned partitions, in offset order; drop the rest (see the
-        module docstring). Records the client could not parse are dead-lettered in their place."""
-        checkpoint = self._checkpoint
-        assert checkpoint is not None
-        skipped_in: dict[TopicPartition, list[Unreadable]] = {}
-        for skipped in unreadable:
-            skipped_in.setdefault(TopicPartition(skipped.topic, skipped.partition), []).append(skipped)
-        for tp in batches.keys() | skipped_in.keys():
-            if tp.partition not in self._owned:
-                continue
-            expected = self._next.get(tp, 0)
-            records = [record for record in batches.get(tp, []) if record.offset >= expected]
-            bad = sorted((s for s in skipped_in.get(tp, []) if s.offset >= expected), key=lambda s: s.offset)
-            if not records and not bad:
-                continue
-            start = 0
-            for skipped in bad:
-                end = start
-                while end < len(records) and records[end].offset < skipped.offset:
-                    end += 1
-                if end > start:
-                    await self._apply(tp, records[start:end])
-                start = end
-                self.stats.unreadable_records += 1
-                await self._dead_letter_unreadable(skipped)
-                self.state.mark_position(tp.partition, skipped.offset)
-            if start < len(records):
-                await self._apply(tp, records[start:])
-            last = max(records[-1].offset if records else -1, bad[-1].offset if bad else -1)
-            self._next[tp] = last + 1
-            checkpoint.advance(tp, last + 1)
-
-    async def _apply(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
-        state, stats, partitions = self.state, self.stats, self._partitions
-        for record in records:
-            try:
-                event = accept(record, partitions)
-            except DecodeError as exc:
-                await self._dead_letter(record, exc.reason, exc.detail)
-                state.mark_position(tp.partition, record.offset)
-                continue
-            outcome = state.apply(tp.partition, record.offset, event)
-            if outcome is Outcome.APPLIED:
-                stats.events += 1
-            elif outcome is Outcome.REPLAY:
-                stats.replays_skipped += 1
-            elif outcome is Outcome.DUPLICATE:
-                stats.duplicates_dropped += 1
-            else:
-                stats.id_conflicts += 1
-                await self._dead_letter(
-                    record, "id_conflict", f"event {event.event_id!r} of this tenant was seen with other content"
-                )
-
-    async def _dead_letter(self, record: ConsumerRecord, reason: str, detail: str) -> None:
-        """Keep the original key, bytes and headers; say why in headers. Never stops the aggregator."""
-        assert self._checkpoint is not None
-        letter = dead_letter(
-            key=record.key, value=record.value, headers=record.headers, reason=reason, detail=detail,
-            topic=record.topic, partition=record.partition, offset=record.offset,
-            aggregator_id=self.config.aggregator_id,
-        )
-        await self._checkpoint.dead_letter(letter)
-        self.stats.dead_letters += 1
-        log.warning("dead-lettered usage record %s:%d:%d: %s", record.topic, record.partition, record.offset, reason)
-
-    async def _dead_letter_unreadable(self, skipped: Unreadable) -> None:
-        """A record the Kafka client cannot parse: its bytes are not to be had through this client,
-        so the dead letter names where it is, for an operator to read with another tool."""
-        assert self._checkpoint is not None
-        # An empty value, not None: Kafka needs a key or a value, and this record has neither here.
-        letter = dead_letter(
-            key=None, value=b"", headers=[], reason="unreadable_record", detail=skipped.error,
-            topic=skipped.topic, partition=skipped.partition, offset=skipped.offset,
-            aggregator_id=self.config.aggregator_id,
-        )
-        await self._checkpoint.dead_letter(letter)
-        self.stats.dead_letters += 1
 
     async def _flush(self) -> None:
         checkpoint = self._checkpoint
