@@ -25,15 +25,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from aiokafka.partitioner import murmur2
-
 from schemas.errors import DecodeError
 from schemas.usage import UsageEvent
 from schemas.wire import decode_usage_record
+from transport.partitioning import partition_for as expected_partition  # the producer's partitioner too
 
 Identity = tuple[str, str]  # (tenant id, event id)
-
-_partition_cache: dict[tuple[bytes, int], int] = {}
 
 
 class UsageRecord(Protocol):
@@ -47,16 +44,6 @@ class UsageRecord(Protocol):
     def value(self) -> bytes | None: ...
     @property
     def headers(self) -> Sequence[tuple[str, bytes | None]]: ...
-
-
-def expected_partition(key: bytes, partitions: int) -> int:
-    """The partition Kafka's default partitioner gives ``key`` (cached: tenants repeat)."""
-    cached = _partition_cache.get((key, partitions))
-    if cached is None:
-        if len(_partition_cache) > 200_000:
-            _partition_cache.clear()
-        cached = _partition_cache[(key, partitions)] = (murmur2(key) & 0x7FFFFFFF) % partitions
-    return cached
 
 
 def accept(record: UsageRecord, partitions: int) -> UsageEvent:

@@ -1,14 +1,15 @@
 """The usage publisher: the hot path only appends to a queue; a background task ships batches.
 
 A call never awaits the broker. The sender drains up to ``batch_max`` events, groups them by the
-partition their tenant key hashes to (Kafka's murmur2, as the Java client does), appends them to
-one aiokafka batch per partition, and reports each event's offset once the broker acknowledges
-it, which is what lets the snapshot tell its own spend apart from what a notice already covers.
+partition their tenant key hashes to (``transport.partitioning``: Kafka's murmur2, as the Java
+client does), sends one aiokafka batch per partition (``producer.sending``), and reports each
+event's offset once the broker acknowledges it, which is what lets the snapshot tell its own
+spend apart from what a notice already covers.
 
 When Kafka is away or slow (a batch not acknowledged within ``send_timeout_s``), events go to the
-on-disk spool, and new events follow them there until the spool is delivered, so a tenant's
-events reach Kafka in the order they were spent. ``stop()`` spools what it could not deliver in
-time; the next start on the host delivers it.
+on-disk spool and are delivered from there (``producer.spool_policy``). ``stop()`` spools what it
+could not deliver in time; the next start on the host delivers it. After a failed send the Kafka
+producer is replaced by a new one, and closed within a bound.
 """
 
 from __future__ import annotations
@@ -17,18 +18,19 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from aiokafka.partitioner import DefaultPartitioner
 
 from producer.config import ProducerConfig
 from producer.errors import PublisherError
-from producer.spool import Spool, SpoolFull
-from schemas.errors import DecodeError
-from schemas.wire import UsageLike, decode_usage, encode_usage, usage_headers, usage_key
+from producer.sending import close_within, new_producer, send_batches
+from producer.spool import Spool
+from producer.spool_policy import NoSpool, SpoolPolicy
+from schemas.wire import UsageLike
+from transport.partitioning import TenantPartitioner
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +57,21 @@ class UsagePublisher:
         self._on_delivered = on_delivered
         self._queue: deque[UsageLike] = deque()
         self._wakeup = asyncio.Event()
+        self._acked = asyncio.Event()  # set whenever stats.delivered grows: what flush() waits on
         self._producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
-        self._partitions: list[int] = []
-        self._partition_of: dict[str, int] = {}
-        self._spool = Spool(config.spool_dir, config.spool_max_bytes) if config.spool_dir else None
+        self.stats = PublisherStats()
+        # Tenant -> usage partition; the store asks it too (which aggregator judges a tenant).
+        self.partition_of = TenantPartitioner()
+        self._spool: SpoolPolicy | NoSpool = (
+            SpoolPolicy(Spool(config.spool_dir, config.spool_max_bytes), config.spool_full_policy, self.stats)
+            if config.spool_dir
+            else NoSpool()
+        )
         self._in_flight: list[UsageLike] = []
         self._closing: set[asyncio.Task[None]] = set()
-        self._spilled_here: set[str] = set()  # ids of our own events in the spool: we report their offsets
         self._accepting = False
         self._stopping = False
-        self.spool_full = False
-        self.stats = PublisherStats()
 
     @property
     def queue_depth(self) -> int:
@@ -74,33 +79,26 @@ class UsagePublisher:
 
     @property
     def spool_pending(self) -> int:
-        return self._spool.pending if self._spool else 0
+        return self._spool.pending
 
-    def _new_producer(self) -> AIOKafkaProducer:
-        return AIOKafkaProducer(
-            **self._config.connection.client_kwargs(),
-            client_id=f"tokenguard-{self._config.instance_id}",
-            acks="all",
-            enable_idempotence=self._config.idempotence,
-            linger_ms=self._config.linger_ms,
-            max_batch_size=512 * 1024,
-            request_timeout_ms=int(self._config.send_timeout_s * 1000),
-        )
+    @property
+    def spool_full(self) -> bool:
+        """The spool refused events (policy ``block``: the store refuses new calls meanwhile)."""
+        return self._spool.full
 
     async def start(self) -> None:
         if self._task is not None:
             return
-        producer = self._new_producer()
+        producer = new_producer(self._config)
         await producer.start()
         try:
             partitions = await producer.partitions_for(self._topic)
         except BaseException:
             await producer.stop()
             raise
-        if self._spool is not None:
-            self._spool.open()
+        self._spool.open()
         self._producer = producer
-        self._partitions = sorted(partitions)
+        self.partition_of.partitions = len(partitions)
         self._accepting = True
         self._stopping = False
         self._task = asyncio.create_task(self._run(), name="tokenguard-publisher")
@@ -114,18 +112,18 @@ class UsagePublisher:
         """
         old, self._producer = self._producer, None
         if old is not None:
-            closing = asyncio.create_task(_close_within(old, self._config.send_timeout_s))
+            closing = asyncio.create_task(close_within(old, self._config.send_timeout_s))
             self._closing.add(closing)
             closing.add_done_callback(self._closing.discard)
 
     async def _ready_producer(self) -> AIOKafkaProducer | None:
         if self._producer is None:
-            producer = self._new_producer()
+            producer = new_producer(self._config)
             try:
                 await asyncio.wait_for(producer.start(), self._config.send_timeout_s)
             except (TimeoutError, KafkaError, OSError) as exc:
                 log.debug("Kafka producer could not start yet: %r", exc)
-                await _close_within(producer, 1.0)
+                await close_within(producer, 1.0)
                 return None
             self._producer = producer
         return self._producer
@@ -150,16 +148,13 @@ class UsagePublisher:
         leftover = self._in_flight + list(self._queue)
         self._in_flight = []
         self._queue.clear()
-        self._spill(leftover)
+        self._queue.extend(self._spool.spill(leftover))
         producer, self._producer = self._producer, None
         if producer is not None:
-            await _close_within(producer, timeout)
+            await close_within(producer, timeout)
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
-        if self._spool is not None:
-            if self._spool.pending:
-                log.warning("%d usage events stay in the spool at %s for the next start", self._spool.pending, self._spool.root)
-            self._spool.close()
+        self._spool.close()
         if self._queue:
             log.error("usage publisher stopped with %d events neither delivered nor spooled", len(self._queue))
 
@@ -186,34 +181,22 @@ class UsagePublisher:
 
     async def flush(self, timeout: float = 10.0) -> None:
         """Wait until every event published so far is acknowledged by the broker."""
-        loop = asyncio.get_running_loop()
         target = self.stats.published
-        deadline = loop.time() + timeout
-        while self.stats.delivered < target:
-            if loop.time() > deadline:
-                raise TimeoutError(f"{target - self.stats.delivered} usage events not delivered within {timeout}s")
-            await asyncio.sleep(0.005)
-
-    def _partition(self, tenant_id: str) -> int:
-        partition = self._partition_of.get(tenant_id)
-        if partition is None:
-            if len(self._partition_of) > 100_000:
-                self._partition_of.clear()
-            partition = DefaultPartitioner()(usage_key(tenant_id), self._partitions, self._partitions)
-            self._partition_of[tenant_id] = partition
-        return partition
-
-    def partition_of(self, tenant_id: str) -> int:
-        """The usage partition a tenant's events go to (and whose aggregator judges it)."""
-        return self._partition(tenant_id)
+        try:
+            async with asyncio.timeout(timeout):
+                while self.stats.delivered < target:
+                    self._acked.clear()
+                    await self._acked.wait()
+        except TimeoutError:
+            raise TimeoutError(f"{target - self.stats.delivered} usage events not delivered within {timeout}s") from None
 
     async def _run(self) -> None:
         backoff = 0.1
         while True:
-            if self._spool is not None and self._spool.pending:
+            if self._spool.pending:
                 # Catching up: later events queue behind the spooled ones, in order.
-                self._spill(self._drain_queue())
-                if await self._deliver_spool():
+                self._queue.extendleft(reversed(self._spool.spill(self._drain_queue())))
+                if await self._spool.deliver(self._send_within_timeout, self._config.batch_max):
                     backoff = 0.1
                     continue
                 if self._stopping:
@@ -236,13 +219,9 @@ class UsagePublisher:
                 backoff = 0.1
                 continue
             self.stats.send_errors += 1
-            if self._spool is not None:
-                self._spill(failed)
-                if self.spool_full:  # the spool refused them: keep them in memory, in front
-                    self._queue.extendleft(reversed(failed))
-            else:
-                self._queue.extendleft(reversed(failed))
-            if self._stopping and (self._spool is None or self.spool_full):
+            refused = self._spool.spill(failed)
+            self._queue.extendleft(reversed(refused))  # the spool refused them: keep them in memory, in front
+            if self._stopping and refused:
                 return
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
@@ -250,52 +229,6 @@ class UsagePublisher:
     def _drain_queue(self, limit: int | None = None) -> list[UsageLike]:
         take = len(self._queue) if limit is None else min(limit, len(self._queue))
         return [self._queue.popleft() for _ in range(take)]
-
-    def _spill(self, events: list[UsageLike]) -> None:
-        """Events that cannot go to Kafka now go to disk, per the spool-full policy."""
-        if not events:
-            return
-        if self._spool is None:
-            self._queue.extendleft(reversed(events))
-            return
-        lines = [encode_usage(event) for event in events]
-        while True:
-            try:
-                self._spool.append(lines)
-                break
-            except SpoolFull:
-                if self._config.spool_full_policy == "drop_oldest" and self._spool.pending:
-                    lost = self._spool.drop_oldest_segment()
-                    self.stats.spool_dropped += lost
-                    log.error("usage spool full: DROPPED the %d oldest spooled usage events (policy drop_oldest)", lost)
-                    continue
-                self.stats.spool_refused += len(events)
-                if not self.spool_full:
-                    log.error("usage spool full (%d bytes): new calls are blocked until Kafka takes it", self._spool.size_bytes)
-                self.spool_full = True
-                self._queue.extendleft(reversed(events))
-                return
-        self.spool_full = False
-        self.stats.spooled += len(events)
-        self._spilled_here.update(event.event_id for event in events)
-
-    async def _deliver_spool(self) -> bool:
-        """Send the oldest spooled events; True when they were all acknowledged."""
-        assert self._spool is not None
-        lines = self._spool.peek(self._config.batch_max)
-        events: list[UsageLike] = []
-        for line in lines:
-            try:
-                events.append(decode_usage(line))
-            except DecodeError as exc:  # a torn last line after a crash: nothing to deliver
-                log.error("unreadable spooled usage event skipped: %s", exc)
-        if await self._send_within_timeout(events, own=self._spilled_here):
-            return False
-        self._spool.consume(len(lines))
-        self._spilled_here.difference_update(event.event_id for event in events)
-        if self.spool_full and self._spool.size_bytes < self._spool.max_bytes // 2:
-            self.spool_full = False
-        return True
 
     async def _send_within_timeout(self, events: list[UsageLike], own: set[str] | None = None) -> list[UsageLike]:
         """Send; return the events not acknowledged in time (all of them on a timeout).
@@ -318,54 +251,14 @@ class UsagePublisher:
         return failed
 
     async def _send(self, producer: AIOKafkaProducer, events: list[UsageLike], own: set[str] | None) -> list[UsageLike]:
-        by_partition: dict[int, list[UsageLike]] = {}
-        for event in events:
-            by_partition.setdefault(self._partition(event.tenant_id), []).append(event)
-        in_flight: list[tuple[asyncio.Future[object], int, list[UsageLike]]] = []
-        failed: list[UsageLike] = []
-        for partition, items in by_partition.items():
-            for chunk, batch in self._batches(producer, items):
-                if batch is None:
-                    log.error("usage event %s does not fit in a batch; it stays queued", chunk[0].event_id)
-                    failed.extend(chunk)
-                    continue
-                try:
-                    future = await producer.send_batch(batch, self._topic, partition=partition)
-                except KafkaError as exc:
-                    log.warning("sending %d usage events failed: %r", len(chunk), exc)
-                    failed.extend(chunk)
-                    continue
-                in_flight.append((future, partition, chunk))
-        results = await asyncio.gather(*(future for future, _, _ in in_flight), return_exceptions=True)
-        for (_, partition, chunk), result in zip(in_flight, results, strict=True):
-            if isinstance(result, BaseException):
-                log.warning("usage batch of %d events to partition %d failed: %r", len(chunk), partition, result)
-                failed.extend(chunk)
-                continue
-            self._acknowledged(chunk, partition, result.offset, own)  # type: ignore[attr-defined]
+        acked, failed = await send_batches(producer, self._topic, events, self.partition_of)
+        for partition, base, chunk in acked:
+            self._acknowledged(chunk, partition, base, own)
         return failed
-
-    def _batches(self, producer: AIOKafkaProducer, items: list[UsageLike]) -> Iterable[tuple[list[UsageLike], object]]:
-        """Consecutive chunks of ``items`` with a closed batch holding each (None: would not fit)."""
-        start = 0
-        while start < len(items):
-            batch = producer.create_batch()
-            count = 0
-            for event in items[start:]:
-                key, value, headers = usage_key(event.tenant_id), encode_usage(event), usage_headers(event)
-                if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
-                    break
-                count += 1
-            if count == 0:
-                yield items[start : start + 1], None
-                start += 1
-                continue
-            batch.close()
-            yield items[start : start + count], batch
-            start += count
 
     def _acknowledged(self, chunk: list[UsageLike], partition: int, base: int, own: set[str] | None) -> None:
         self.stats.delivered += sum(1 for e in chunk if own is None or e.event_id in own)
+        self._acked.set()
         if self._on_delivered is None:
             return
         for index, event in enumerate(chunk):
@@ -373,21 +266,3 @@ class UsagePublisher:
             if own is None or event.event_id in own:
                 self._on_delivered(event, partition, base + index)
 
-
-async def _close_within(producer: AIOKafkaProducer, timeout: float) -> None:
-    """``producer.stop()``, bounded. An idempotent aiokafka producer's stop() waits for every
-    pending batch, forever while the broker is away; by then those events are in our spool, so
-    past ``timeout`` its tasks are cancelled and its connections closed instead."""
-    stopping = asyncio.ensure_future(producer.stop())
-    try:
-        await asyncio.wait_for(asyncio.shield(stopping), timeout)
-        return
-    except TimeoutError:
-        log.warning("the Kafka producer did not close within %.0fs (broker away); abandoning its pending batches", timeout)
-    sender_task = getattr(getattr(producer, "_sender", None), "sender_task", None)
-    for task in (stopping, sender_task):
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-    await producer.client.close()
