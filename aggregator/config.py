@@ -1,4 +1,5 @@
-"""The aggregator's settings: one object, filled from flags and the environment in ``__main__``."""
+"""The aggregator's settings: ``AggregatorConfig`` (built in code, changed with ``dataclasses.replace``)
+and ``AggregatorSettings``, which reads it from the environment and the command line's flags."""
 
 from __future__ import annotations
 
@@ -6,9 +7,13 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
+from pydantic import Field
+
+from schemas._types import MAX_LIMIT_TOKENS, Identifier
 from schemas.topics import TopicLayout
-from transport.connection import KafkaConnection, flag_from_env, layout_from_env
+from transport.connection import DeploymentSettings, KafkaConnection, NonBlank
 
 
 def default_aggregator_id() -> str:
@@ -55,26 +60,32 @@ class AggregatorConfig:
             raise ValueError("batch_max, batch_window_ms and dedup_window must be positive")
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> AggregatorConfig:
-        """``KAFKA_*`` for the connection; ``TOKENGUARD_TOPIC_PREFIX``, ``TOKENGUARD_PARTITIONS``,
-        ``TOKENGUARD_GROUP_ID``, ``TOKENGUARD_DEFAULT_LIMIT``, ``TOKENGUARD_WARNING_RATIO``,
-        ``TOKENGUARD_IDEMPOTENCE``, ``TOKENGUARD_AGGREGATOR_INSTANCE_ID``, ``TOKENGUARD_DEDUP_WINDOW``,
-        ``TOKENGUARD_SESSION_TIMEOUT_MS``, ``TOKENGUARD_REASSERT_INTERVAL_S``. Keyword overrides (from flags) win over the environment."""
-        env = os.environ if env is None else env
-        default_limit = env.get("TOKENGUARD_DEFAULT_LIMIT")
-        values: dict[str, object] = {
-            "connection": KafkaConnection.from_env(env),
-            "topics": layout_from_env(env),
-            "group_id": env.get("TOKENGUARD_GROUP_ID", cls.group_id),
-            "default_limit": int(default_limit) if default_limit else None,
-            "warning_ratio": float(env.get("TOKENGUARD_WARNING_RATIO", cls.warning_ratio)),
-            "idempotence": flag_from_env(env, "TOKENGUARD_IDEMPOTENCE", True),
-            "group_instance_id": env.get("TOKENGUARD_AGGREGATOR_INSTANCE_ID") or None,
-            "dedup_window": int(env.get("TOKENGUARD_DEDUP_WINDOW", cls.dedup_window)),
-            "session_timeout_ms": int(env.get("TOKENGUARD_SESSION_TIMEOUT_MS", cls.session_timeout_ms)),
-            "reassert_interval_s": float(env.get("TOKENGUARD_REASSERT_INTERVAL_S", cls.reassert_interval_s)),
-            "metrics_port": int(env["TOKENGUARD_METRICS_PORT"]) if env.get("TOKENGUARD_METRICS_PORT") else None,
-            "metrics_host": env.get("TOKENGUARD_METRICS_HOST", cls.metrics_host),
-        }
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)  # type: ignore[arg-type]
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> AggregatorConfig:
+        """The aggregator's environment (``AggregatorSettings``), with ``overrides`` (flags, by field
+        name; ``None`` is skipped) winning. ``SettingsError`` (a ``ValueError``) names each invalid value."""
+        return AggregatorSettings.read(env, **overrides).config()
+
+
+class AggregatorSettings(DeploymentSettings):
+    """The aggregator's settings from the environment (``KAFKA_*`` and ``TOKENGUARD_*``); ``config()``
+    is the ``AggregatorConfig``. The field names are ``AggregatorConfig``'s, so flags override by name."""
+
+    group_id: Identifier = Field(AggregatorConfig.group_id, validation_alias="TOKENGUARD_GROUP_ID")
+    default_limit: int | None = Field(None, ge=0, le=MAX_LIMIT_TOKENS, validation_alias="TOKENGUARD_DEFAULT_LIMIT")
+    warning_ratio: float = Field(AggregatorConfig.warning_ratio, gt=0, le=1, validation_alias="TOKENGUARD_WARNING_RATIO")
+    group_instance_id: Identifier | None = Field(None, validation_alias="TOKENGUARD_AGGREGATOR_INSTANCE_ID")
+    dedup_window: int = Field(AggregatorConfig.dedup_window, ge=1, validation_alias="TOKENGUARD_DEDUP_WINDOW")
+    session_timeout_ms: int = Field(AggregatorConfig.session_timeout_ms, ge=1, validation_alias="TOKENGUARD_SESSION_TIMEOUT_MS")
+    reassert_interval_s: float = Field(AggregatorConfig.reassert_interval_s, gt=0,
+                                       validation_alias="TOKENGUARD_REASSERT_INTERVAL_S")
+    metrics_port: int | None = Field(None, ge=1, le=65_535, validation_alias="TOKENGUARD_METRICS_PORT")
+    metrics_host: NonBlank = Field(AggregatorConfig.metrics_host, validation_alias="TOKENGUARD_METRICS_HOST")
+
+    def config(self) -> AggregatorConfig:
+        return AggregatorConfig(
+            connection=self.connection(), topics=self.layout(), group_id=self.group_id,
+            default_limit=self.default_limit, warning_ratio=self.warning_ratio,
+            group_instance_id=self.group_instance_id, dedup_window=self.dedup_window,
+            session_timeout_ms=self.session_timeout_ms, reassert_interval_s=self.reassert_interval_s,
+            metrics_port=self.metrics_port, metrics_host=self.metrics_host, idempotence=self.idempotence,
+        )

@@ -7,11 +7,16 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import ClassVar, Literal
+
+from pydantic import Field, field_validator
 
 from producer.validation import MAX_INSTANCE_CHARS, check_instance_id
 from schemas.topics import TopicLayout
-from transport.connection import KafkaConnection, flag_from_env, layout_from_env
+from transport.connection import DeploymentSettings, KafkaConnection
+
+SpoolFullPolicy = Literal["block", "drop_oldest"]
+StalePolicy = Literal["fail_open", "fail_closed", "local_only"]
 
 
 def default_instance_id() -> str:
@@ -19,6 +24,10 @@ def default_instance_id() -> str:
     suffix = f"-{os.getpid()}"
     host = "".join(c for c in socket.gethostname() if c.isprintable()) or "host"
     return host[: MAX_INSTANCE_CHARS - len(suffix)] + suffix
+
+
+def default_spool_dir() -> Path:
+    return Path.home() / ".cache" / "tokenguard" / "spool"
 
 
 @dataclass(frozen=True)
@@ -42,16 +51,16 @@ class ProducerConfig:
     send_timeout_s: float = 5.0
     stop_timeout_s: float = 10.0
     # Where undeliverable usage waits on disk (None: memory only, lost if the process stops).
-    spool_dir: Path | None = field(default_factory=lambda: Path.home() / ".cache" / "tokenguard" / "spool")
+    spool_dir: Path | None = field(default_factory=default_spool_dir)
     spool_max_bytes: int = 256 * 1024 * 1024
     # When the spool is full: "block" refuses new calls (UsageSpoolFullError) until Kafka takes the
     # spool; "drop_oldest" deletes the oldest spooled events, counted and logged as errors.
-    spool_full_policy: Literal["block", "drop_oldest"] = "block"
+    spool_full_policy: SpoolFullPolicy = "block"
     # No heartbeat from a tenant's aggregator for this long makes its quota state stale; then
     # "fail_open" admits every call (counted), "fail_closed" refuses every call, and
     # "local_only" goes on judging with the last known totals plus this process's own spend.
     stale_after_s: float = 15.0
-    stale_policy: Literal["fail_open", "fail_closed", "local_only"] = "fail_open"
+    stale_policy: StalePolicy = "fail_open"
     # A heartbeat or notice dated further ahead of this process's clock than this is ignored
     # (counted): one dated 9999 would otherwise keep its partition looking fresh for ever.
     max_clock_skew_s: float = 60.0
@@ -70,32 +79,43 @@ class ProducerConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ProducerConfig:
-        """``KAFKA_*`` for the connection, ``TOKENGUARD_TOPIC_PREFIX``, ``TOKENGUARD_PARTITIONS``,
-        ``TOKENGUARD_INSTANCE_ID``, ``TOKENGUARD_IDEMPOTENCE`` (true/false), ``TOKENGUARD_SPOOL_DIR``
-        (empty: no spool), ``TOKENGUARD_SPOOL_MAX_BYTES``, ``TOKENGUARD_SPOOL_FULL_POLICY``,
-        ``TOKENGUARD_STALE_AFTER_S``, ``TOKENGUARD_STALE_POLICY``, ``TOKENGUARD_MAX_CLOCK_SKEW_S``."""
-        env = os.environ if env is None else env
-        return cls(
-            connection=KafkaConnection.from_env(env),
-            topics=layout_from_env(env),
-            instance_id=env.get("TOKENGUARD_INSTANCE_ID") or default_instance_id(),
-            idempotence=flag_from_env(env, "TOKENGUARD_IDEMPOTENCE", True),
-            **_spool_and_staleness(env),
+        """The middleware's environment (``ProducerSettings``): ``KAFKA_*``, ``TOKENGUARD_TOPIC_PREFIX``,
+        ``TOKENGUARD_PARTITIONS``, ``TOKENGUARD_INSTANCE_ID``, ``TOKENGUARD_IDEMPOTENCE``,
+        ``TOKENGUARD_SPOOL_DIR`` (empty: no spool), ``TOKENGUARD_SPOOL_MAX_BYTES``,
+        ``TOKENGUARD_SPOOL_FULL_POLICY``, ``TOKENGUARD_STALE_AFTER_S``, ``TOKENGUARD_STALE_POLICY``,
+        ``TOKENGUARD_MAX_CLOCK_SKEW_S``. ``SettingsError`` (a ``ValueError``) names each invalid one."""
+        return ProducerSettings.read(env).config()
+
+
+class ProducerSettings(DeploymentSettings):
+    """The middleware's settings from the environment; ``config()`` is the ``ProducerConfig``."""
+
+    empty_is_a_value: ClassVar[frozenset[str]] = frozenset({"TOKENGUARD_SPOOL_DIR"})
+
+    instance_id: str = Field(default_factory=default_instance_id, validation_alias="TOKENGUARD_INSTANCE_ID")
+    spool_dir: Path | None = Field(default_factory=default_spool_dir, validation_alias="TOKENGUARD_SPOOL_DIR")
+    spool_max_bytes: int = Field(ProducerConfig.spool_max_bytes, gt=0, validation_alias="TOKENGUARD_SPOOL_MAX_BYTES")
+    spool_full_policy: SpoolFullPolicy = Field("block", validation_alias="TOKENGUARD_SPOOL_FULL_POLICY")
+    stale_after_s: float = Field(ProducerConfig.stale_after_s, gt=0, validation_alias="TOKENGUARD_STALE_AFTER_S")
+    stale_policy: StalePolicy = Field("fail_open", validation_alias="TOKENGUARD_STALE_POLICY")
+    max_clock_skew_s: float = Field(ProducerConfig.max_clock_skew_s, gt=0, validation_alias="TOKENGUARD_MAX_CLOCK_SKEW_S")
+
+    @field_validator("instance_id")
+    @classmethod
+    def _fits_the_schema(cls, value: str) -> str:
+        return check_instance_id(value)
+
+    @field_validator("spool_dir", mode="before")
+    @classmethod
+    def _empty_means_no_spool(cls, value: object) -> object:
+        if isinstance(value, str):
+            return Path(value).expanduser() if value.strip() else None
+        return value
+
+    def config(self) -> ProducerConfig:
+        return ProducerConfig(
+            connection=self.connection(), topics=self.layout(), instance_id=self.instance_id,
+            idempotence=self.idempotence, spool_dir=self.spool_dir, spool_max_bytes=self.spool_max_bytes,
+            spool_full_policy=self.spool_full_policy, stale_after_s=self.stale_after_s,
+            stale_policy=self.stale_policy, max_clock_skew_s=self.max_clock_skew_s,
         )
-
-
-def _spool_and_staleness(env: Mapping[str, str]) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    spool_dir = env.get("TOKENGUARD_SPOOL_DIR")
-    if spool_dir is not None:
-        values["spool_dir"] = Path(spool_dir).expanduser() if spool_dir.strip() else None
-    for name, key, kind in (
-        ("TOKENGUARD_SPOOL_MAX_BYTES", "spool_max_bytes", int),
-        ("TOKENGUARD_SPOOL_FULL_POLICY", "spool_full_policy", str),
-        ("TOKENGUARD_STALE_AFTER_S", "stale_after_s", float),
-        ("TOKENGUARD_STALE_POLICY", "stale_policy", str),
-        ("TOKENGUARD_MAX_CLOCK_SKEW_S", "max_clock_skew_s", float),
-    ):
-        if env.get(name):
-            values[key] = kind(env[name])
-    return values
