@@ -7,7 +7,6 @@ import os
 import socket
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -83,7 +82,3 @@ def aggregator_config(connection: KafkaConnection, layout: TopicLayout) -> Aggre
         aggregator_id="test-aggregator",
         heartbeat_interval_s=0.2,
     )
-
-
-def instance(config: ProducerConfig, name: str) -> ProducerConfig:
-    return replace(config, instance_id=name)

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shlex
 import shutil
-import socket
-import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -37,7 +34,7 @@ from schemas.notices import Heartbeat, QuotaNotice
 from schemas.topics import TopicLayout
 from schemas.totals import TotalsRecord
 from schemas.wire import encode, heartbeat_key, limit_key, tenant_period_key
-from tests.helpers import REPO, call_usage, eventually
+from tests.helpers import call_usage, eventually, free_port, run_python
 from transport.admin import close_consumer, start_consumer
 from transport.reading import read_ranges
 
@@ -76,9 +73,7 @@ class AclBroker:
 async def acl_broker() -> AsyncIterator[AclBroker]:
     if not _launcher_can_run():
         pytest.skip("starts its own authorizing broker: needs java (and mvn once, or the cached jars)")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sasl_port = sock.getsockname()[1]
+    sasl_port = free_port()
     listener = localkafka.SaslPlainListener(
         sasl_port, tuple(USERS.items()), authorize=True, super_users=("User:admin",)
     )
@@ -90,14 +85,8 @@ async def acl_broker() -> AsyncIterator[AclBroker]:
 
 
 async def tokenguard(env: dict[str, str], *args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "aggregator.cli", *args, cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO), **env},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    """``tokenguard <args>`` as a process with ``env``: (exit code, stdout, stderr)."""
+    return await run_python("-m", "aggregator.cli", *args, env=env)
 
 
 def printed_rules(out: str) -> set[tuple[str, str, str, str, str]]:

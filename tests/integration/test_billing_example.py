@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
 
 from producer import ProducerConfig, UsagePublisher, ensure_topics
-from tests.helpers import REPO, make_event
+from tests.helpers import make_event, run_python
 
 pytestmark = pytest.mark.integration
 
@@ -27,13 +24,12 @@ async def test_billing_example_prices_each_event_once(producer_config: ProducerC
     prices = tmp_path / "prices.json"
     prices.write_text(json.dumps({"*": {"input": 1.0, "output": 2.0}}))
     out = tmp_path / "costs.csv"
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "examples/billing.py", "--prices", str(prices), "--out", str(out),
+    code, _, err = await run_python(
+        "examples/billing.py", "--prices", str(prices), "--out", str(out),
         "--bootstrap-servers", producer_config.connection.bootstrap_servers,
         "--topic-prefix", producer_config.topics.prefix,
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
     )
-    assert await asyncio.wait_for(process.wait(), 60) == 0
+    assert code == 0, err[-2000:]
     with out.open() as file:
         rows = {row["tenant"]: row for row in csv.DictReader(file)}
     # make_event splits tokens a third input, the rest output: 1M in + 2M out per 3M event.

@@ -33,15 +33,23 @@ from aiokafka.structs import ConsumerRecord
 from aggregator import AggregatorConfig, AggregatorService
 from aggregator.changelog import read_changelog
 from aggregator.deadletter import MAX_DEAD_LETTER_BYTES
-from aggregator.intake import expected_partition
 from aggregator.verify import verify
 from producer import ProducerConfig, ensure_topics
-from producer.notices_feed import NoticesFeed
-from producer.snapshot import QuotaSnapshot
 from schemas.topics import TopicLayout
 from schemas.totals import TotalsRecord
 from schemas.wire import MAX_RECORD_BYTES, encode, tenant_period_key
-from tests.helpers import AggregatorProcess, RawRecord, eventually, read_topic, send_raw_header_record, send_records
+from tests.helpers import (
+    AggregatorProcess,
+    RawRecord,
+    eventually,
+    notices_feed,
+    partition_of,
+    read_topic,
+    reason_of,
+    send_raw_header_record,
+    send_records,
+    tenant_on,
+)
 from transport.admin import close_consumer, start_consumer, topic_partitions
 from transport.fetch import getmany_safe
 from transport.reading import end_offsets
@@ -56,12 +64,7 @@ _ids = itertools.count()
 
 
 def home(tenant: str | bytes) -> int:
-    key = tenant.encode() if isinstance(tenant, str) else tenant
-    return expected_partition(key, PARTITIONS)
-
-
-def tenant_on(partition: int, prefix: str) -> str:
-    return next(f"{prefix}{i}" for i in itertools.count() if home(f"{prefix}{i}") == partition)
+    return partition_of(tenant, PARTITIONS)
 
 
 def new_id() -> str:
@@ -233,11 +236,11 @@ def table(big_value_bytes: int) -> tuple[list[Planned], list[Planned], list[Plan
     """Three phases: live, written while no aggregator runs, live again after the restart."""
     acme, globex, initech = (
         "acme",
-        tenant_on((home("acme") + 1) % PARTITIONS, "globex-"),
-        tenant_on((home("acme") + 2) % PARTITIONS, "initech-"),
+        tenant_on((home("acme") + 1) % PARTITIONS, PARTITIONS, "globex-"),
+        tenant_on((home("acme") + 2) % PARTITIONS, PARTITIONS, "initech-"),
     )
     # A tenant sharing acme's partition (and so its dedup window).
-    neighbour = tenant_on(home(acme), "neighbour-")
+    neighbour = tenant_on(home(acme), PARTITIONS, "neighbour-")
     wrong = (home(acme) + 1) % PARTITIONS
 
     deep = b"[" * 100_000 + b"]" * 100_000
@@ -498,7 +501,7 @@ async def test_table_of_hostile_usage_records_across_a_restart(
             letter
         )
     assert {at: len(ls) for at, ls in by_source.items() if len(ls) != 1} == {}, "a record dead-lettered more than once"
-    got = {at: dict(ls[0].headers)["tokenguard.error.reason"].decode() for at, ls in by_source.items()}
+    got = {at: reason_of(ls[0]) for at, ls in by_source.items()}
     names = {item.at: item.name for item in everything}
     wrong = {names.get(at, at): (got.get(at), want) for at, want in letters_expected.items() if got.get(at) != want}
     extra = {names.get(at, at): got[at] for at in set(got) - set(letters_expected)}
@@ -646,7 +649,9 @@ async def forge(
     return sent
 
 
-async def running_aggregator(config: AggregatorConfig) -> AggregatorService:
+async def start_aggregator(config: AggregatorConfig) -> AggregatorService:
+    """Started, with its partitions; the test stops it with ``shutdown()``, which copes with a
+    crashed aggregator (what these tests try to cause)."""
     aggregator = AggregatorService(config)
     await aggregator.start()
     await asyncio.wait_for(aggregator.assigned.wait(), 30)
@@ -682,7 +687,7 @@ async def test_forged_exceeded_notice_over_an_ok_tenant_is_corrected_promptly(
     tenant = "okay-corp"
     key = (tenant, PERIOD)
     await ensure_topics(connection, layout)
-    aggregator = await running_aggregator(config)
+    aggregator = await start_aggregator(config)
     try:
         async with Recorder(connection, layout.notices) as notices:
             await publish_usage(connection, layout, [ev(tenant, 100, quota_tokens=10_000) for _ in range(3)])
@@ -731,7 +736,7 @@ async def test_forged_notice_for_a_key_not_held_is_tombstoned(
 ) -> None:  # type: ignore[no-untyped-def]
     config = replace(aggregator_config, reassert_interval_s=0.5)
     await ensure_topics(connection, layout)
-    aggregator = await running_aggregator(config)
+    aggregator = await start_aggregator(config)
     try:
         async with Recorder(connection, layout.notices) as notices:
             await publish_usage(connection, layout, [ev("real-tenant", 10)])
@@ -766,7 +771,7 @@ async def test_forged_totals_records_do_not_freeze_a_tenant_after_restart(
     p = home(tenant)
     other = (p + 1) % PARTITIONS
     await ensure_topics(connection, layout)
-    aggregator = await running_aggregator(aggregator_config)
+    aggregator = await start_aggregator(aggregator_config)
     try:
         await publish_usage(connection, layout, [ev(tenant, 10) for _ in range(5)])
         await eventually(
@@ -803,7 +808,7 @@ async def test_forged_totals_records_do_not_freeze_a_tenant_after_restart(
             RawRecord(b'["frozen-corp", "2026-04"]', totals(applied_offset=4), partition=p),  # not the canonical key
         ],
     )
-    aggregator = await running_aggregator(aggregator_config)
+    aggregator = await start_aggregator(aggregator_config)
     try:
         assert aggregator.stats.changelog_rejected == 3
         assert (aggregator.state.totals[key].used, aggregator.state.totals[key].events) == (50, 5)
@@ -827,7 +832,7 @@ async def test_forged_ok_with_huge_usage_offset_over_an_exceeded_tenant_is_reass
     key = (tenant, PERIOD)
     k = tenant_period_key(*key)
     await ensure_topics(connection, layout)
-    aggregator = await running_aggregator(config)
+    aggregator = await start_aggregator(config)
     try:
         async with Recorder(connection, layout.notices) as notices:
             await publish_usage(connection, layout, [ev(tenant, 600, quota_tokens=1_000) for _ in range(3)])
@@ -871,7 +876,7 @@ async def dead_letters_of(connection, layout: TopicLayout) -> dict[tuple[int, in
     for letter in await read_topic(connection, layout.dead_letters):
         h = dict(letter.headers)
         at = (int(h["tokenguard.source.partition"]), int(h["tokenguard.source.offset"]))
-        letters.setdefault(at, []).append(h["tokenguard.error.reason"].decode())
+        letters.setdefault(at, []).append(reason_of(letter))
     return letters
 
 
@@ -879,8 +884,8 @@ async def test_unreadable_record_is_dead_lettered_and_the_aggregator_goes_on(
     connection, layout: TopicLayout, aggregator_config: AggregatorConfig
 ) -> None:  # type: ignore[no-untyped-def]
     await ensure_topics(connection, layout)
-    tenants = [tenant_on(p, "t-") for p in range(PARTITIONS)]
-    aggregator = await running_aggregator(aggregator_config)
+    tenants = [tenant_on(p, PARTITIONS, "t-") for p in range(PARTITIONS)]
+    aggregator = await start_aggregator(aggregator_config)
     try:
         await publish_usage(connection, layout, [ev(t, 10) for t in tenants])
         await eventually(lambda: sum(t.events for t in aggregator.state.totals.values()) == 3, 20, "first events")
@@ -910,7 +915,7 @@ async def test_records_fetched_together_with_an_unreadable_record_all_count(
     partition and the others, must all be applied, in order)."""
     await ensure_topics(connection, layout)
     tenant = "acme"
-    others = [tenant_on((home(tenant) + i) % PARTITIONS, "o-") for i in (1, 2)]
+    others = [tenant_on((home(tenant) + i) % PARTITIONS, PARTITIONS, "o-") for i in (1, 2)]
     await publish_usage(
         connection, layout, [ev(t, 1) for t in others for _ in range(3)] + [ev(tenant, 10) for _ in range(5)]
     )
@@ -943,7 +948,7 @@ async def test_unreadable_record_on_a_quiet_topic_loses_nothing(
         connection, layout.usage, tenant.encode(), js(ev(tenant, 1_000)), home(tenant)
     )
     await publish_usage(connection, layout, [ev(tenant, 100) for _ in range(2)])
-    aggregator = await running_aggregator(aggregator_config)
+    aggregator = await start_aggregator(aggregator_config)
     try:
         report = await verify(connection, layout, aggregator_config.group_id, wait_s=8)
         alive = aggregator.running
@@ -1019,7 +1024,7 @@ async def test_forged_notice_key_with_a_lone_surrogate_does_not_kill_the_aggrega
 ) -> None:  # type: ignore[no-untyped-def]
     config = replace(aggregator_config, reassert_interval_s=0.3)
     await ensure_topics(connection, layout)
-    aggregator = await running_aggregator(config)
+    aggregator = await start_aggregator(config)
     try:
         await forge(connection, layout, b'["\\ud800","2026-04"]', forged_notice("x", PERIOD, "exceeded"))
         await asyncio.sleep(1.5)
@@ -1041,9 +1046,9 @@ async def test_forged_totals_on_another_partition_does_not_freeze_a_tenant(
     q = (home(tenant) + 1) % PARTITIONS
     await ensure_topics(connection, layout)
     await publish_usage(
-        connection, layout, [ev(tenant, 10) for _ in range(3)] + [ev(tenant_on(q, "busy-"), 1) for _ in range(200)]
+        connection, layout, [ev(tenant, 10) for _ in range(3)] + [ev(tenant_on(q, PARTITIONS, "busy-"), 1) for _ in range(200)]
     )
-    aggregator = await running_aggregator(aggregator_config)
+    aggregator = await start_aggregator(aggregator_config)
     try:
         await eventually(
             lambda: (t := aggregator.state.totals.get(key)) is not None and t.events == 3, 20, "usage counted"
@@ -1062,7 +1067,7 @@ async def test_forged_totals_on_another_partition_does_not_freeze_a_tenant(
         updated_at=datetime.now(UTC),
     )
     await send_records(connection, layout.totals, [RawRecord(tenant_period_key(*key), encode(forged), partition=q)])
-    aggregator = await running_aggregator(aggregator_config)
+    aggregator = await start_aggregator(aggregator_config)
     try:
         await publish_usage(connection, layout, [ev(tenant, 7) for _ in range(4)])
         report = await verify(connection, layout, aggregator_config.group_id, wait_s=10)
@@ -1076,26 +1081,15 @@ async def test_forged_totals_on_another_partition_does_not_freeze_a_tenant(
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def middleware_view(producer_config: ProducerConfig):  # type: ignore[no-untyped-def]
-    snapshot = QuotaSnapshot()
-    feed = NoticesFeed(producer_config, snapshot)
-    await feed.start()
-    try:
-        yield feed, snapshot
-    finally:
-        await feed.stop()
-
-
 async def test_middleware_blocks_again_after_a_forged_ok_with_a_huge_usage_offset(
     connection, layout: TopicLayout, aggregator_config: AggregatorConfig, producer_config: ProducerConfig
 ) -> None:  # type: ignore[no-untyped-def]
     config = replace(aggregator_config, reassert_interval_s=0.3)
     tenant = "overdrawn"
     await ensure_topics(connection, layout)
-    aggregator = await running_aggregator(config)
+    aggregator = await start_aggregator(config)
     try:
-        async with middleware_view(producer_config) as (feed, snapshot):
+        async with notices_feed(producer_config) as (feed, snapshot):
             await publish_usage(connection, layout, [ev(tenant, 600, quota_tokens=1_000) for _ in range(3)])
             await feed.wait_until(lambda s: (n := s.notice(tenant, PERIOD)) is not None and n.state == "exceeded", 20)
             await forge(
@@ -1116,9 +1110,9 @@ async def test_middleware_blocks_again_after_a_forged_ok_dated_ahead(
     config = replace(aggregator_config, reassert_interval_s=0.3)
     tenant = "overdrawn"
     await ensure_topics(connection, layout)
-    aggregator = await running_aggregator(config)
+    aggregator = await start_aggregator(config)
     try:
-        async with middleware_view(producer_config) as (feed, snapshot):
+        async with notices_feed(producer_config) as (feed, snapshot):
             written = await publish_usage(connection, layout, [ev(tenant, 600, quota_tokens=1_000) for _ in range(3)])
             await feed.wait_until(
                 lambda s: (
@@ -1155,11 +1149,11 @@ async def test_middleware_drops_a_forged_notice_the_aggregator_tombstoned(
     k = tenant_period_key(tenant, PERIOD)
     await ensure_topics(connection, layout)
     # Usage of another tenant on the ghost's partition: the forged notice's offset is then a real one.
-    await publish_usage(connection, layout, [ev(tenant_on(home(tenant), "neighbour-"), 1)])
-    aggregator = await running_aggregator(aggregator_config)
+    await publish_usage(connection, layout, [ev(tenant_on(home(tenant), PARTITIONS, "neighbour-"), 1)])
+    aggregator = await start_aggregator(aggregator_config)
     try:
         async with (
-            middleware_view(producer_config) as (feed, snapshot),
+            notices_feed(producer_config) as (feed, snapshot),
             Recorder(connection, layout.notices) as notices,
         ):
             await forge(connection, layout, k, forged_notice(tenant, PERIOD, "exceeded", usage_offset=0))

@@ -2,75 +2,67 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 from datetime import UTC, datetime
 
 import pytest
 from agent_framework import Agent
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from aggregator import AggregatorConfig, AggregatorService
-from aggregator.changelog import read_changelog
 from producer import KafkaQuotaStore, ProducerConfig, QuotaExceededError, TokenGuardMiddleware, ensure_topics
 from producer.scripted import ScriptedChatClient
 from producer.store import CallUsage
 from schemas.wire import decode_usage
-from tests.conftest import instance
+from tests.helpers import (
+    AggregatorProcess,
+    call_usage,
+    instance,
+    read_topic,
+    reason_of,
+    run_agent,
+    running_aggregator,
+    send_raw,
+    wait_for_totals,
+)
 
 pytestmark = pytest.mark.integration
 
 
 def usage(tenant: str, tokens: int, *, period: str = "2026-04", quota: int = 10**9) -> CallUsage:
-    return CallUsage(
-        tenant_id=tenant, period_key=period, model="m", input_tokens=tokens // 2, output_tokens=tokens - tokens // 2,
-        total_tokens=tokens, cache_creation_input_tokens=None, cache_read_input_tokens=None,
-        reasoning_output_tokens=None, quota_tokens=quota, streaming=False, event_time=datetime.now(UTC),
-    )
-
-
-async def wait_for_totals(config: AggregatorConfig, expected: dict[tuple[str, str], int], timeout: float = 30) -> dict:
-    """Read the changelog until it shows the expected totals (the aggregator's durable output)."""
-    async with asyncio.timeout(timeout):
-        while True:
-            records = await read_changelog(config.connection, config.topics.totals)
-            seen = {key: record.used_tokens for key, record in records.items()}
-            if seen == expected:
-                return records
-            await asyncio.sleep(0.2)
+    """One call's usage; by default far under its quota."""
+    return call_usage(tenant, tokens, period=period, quota=quota)
 
 
 async def test_tenant_exhausted_through_one_instance_is_blocked_by_another(
     producer_config: ProducerConfig, aggregator_config: AggregatorConfig
 ) -> None:
-    async with AggregatorService(aggregator_config) as aggregator:
-        await asyncio.wait_for(aggregator.assigned.wait(), 30)
-        async with (
-            KafkaQuotaStore(instance(producer_config, "a")) as store_a,
-            KafkaQuotaStore(instance(producer_config, "b")) as store_b,
-        ):
-            agent = Agent(ScriptedChatClient(reply_words=40))
+    async with (
+        running_aggregator(aggregator_config),
+        KafkaQuotaStore(instance(producer_config, "a")) as store_a,
+        KafkaQuotaStore(instance(producer_config, "b")) as store_b,
+    ):
+        agent = Agent(ScriptedChatClient(reply_words=40))
 
-            def guard(store: KafkaQuotaStore) -> TokenGuardMiddleware:
-                return TokenGuardMiddleware(quota_store=store, quota_tokens=500, user_id_getter=lambda _: "acme")
+        def guard(store: KafkaQuotaStore) -> TokenGuardMiddleware:
+            return TokenGuardMiddleware(quota_store=store, quota_tokens=500, user_id_getter=lambda _: "acme")
 
-            guard_a, guard_b = guard(store_a), guard(store_b)
-            allowed_a = 0
-            with pytest.raises(QuotaExceededError):
-                for _ in range(100):
-                    await agent.run("Hello!", middleware=[guard_a])
-                    allowed_a += 1
-            assert 0 < allowed_a < 100
-            # Instance B spent nothing itself: only the aggregator's notice can stop it.
-            await store_b.feed.wait_until(
-                lambda snap: (n := snap.notice("acme", guard_b.period_key_fn())) is not None and n.state == "exceeded",
-                timeout=20,
-            )
-            with pytest.raises(QuotaExceededError, match="user=acme"):
-                await agent.run("Hello!", middleware=[guard_b])
-            # Another tenant on B is untouched.
-            other = TokenGuardMiddleware(quota_store=store_b, quota_tokens=500, user_id_getter=lambda _: "globex")
-            await agent.run("Hello!", middleware=[other])
+        guard_a, guard_b = guard(store_a), guard(store_b)
+        allowed_a = 0
+        with pytest.raises(QuotaExceededError):
+            for _ in range(100):
+                await agent.run("Hello!", middleware=[guard_a])
+                allowed_a += 1
+        assert 0 < allowed_a < 100
+        # Instance B spent nothing itself: only the aggregator's notice can stop it.
+        await store_b.feed.wait_until(
+            lambda snap: (n := snap.notice("acme", guard_b.period_key_fn())) is not None and n.state == "exceeded",
+            timeout=20,
+        )
+        with pytest.raises(QuotaExceededError, match="user=acme"):
+            await agent.run("Hello!", middleware=[guard_b])
+        # Another tenant on B is untouched.
+        other = TokenGuardMiddleware(quota_store=store_b, quota_tokens=500, user_id_getter=lambda _: "globex")
+        await agent.run("Hello!", middleware=[other])
 
 
 async def test_aggregator_totals_equal_the_sum_of_published_events(
@@ -78,8 +70,7 @@ async def test_aggregator_totals_equal_the_sum_of_published_events(
 ) -> None:
     rng = random.Random(7)
     expected: dict[tuple[str, str], int] = {}
-    async with AggregatorService(aggregator_config) as aggregator:
-        await asyncio.wait_for(aggregator.assigned.wait(), 30)
+    async with running_aggregator(aggregator_config) as aggregator:
         async with KafkaQuotaStore(producer_config) as store:
             for _ in range(5_000):
                 tenant = f"tenant-{rng.randrange(40)}"
@@ -97,8 +88,7 @@ async def test_restarted_aggregator_restores_and_continues_exactly(
     producer_config: ProducerConfig, aggregator_config: AggregatorConfig
 ) -> None:
     async with KafkaQuotaStore(producer_config) as store:
-        async with AggregatorService(aggregator_config) as first:
-            await asyncio.wait_for(first.assigned.wait(), 30)
+        async with running_aggregator(aggregator_config):
             for i in range(300):
                 store.record(usage(f"t{i % 7}", 10))
             await store.publisher.flush(timeout=30)
@@ -106,8 +96,7 @@ async def test_restarted_aggregator_restores_and_continues_exactly(
         for i in range(300):
             store.record(usage(f"t{i % 7}", 10))
         await store.publisher.flush(timeout=30)
-        async with AggregatorService(aggregator_config) as second:
-            await asyncio.wait_for(second.assigned.wait(), 30)
+        async with running_aggregator(aggregator_config) as second:
             assert second.stats.restored_keys == 7
             await wait_for_totals(aggregator_config, {(f"t{i}", "2026-04"): 20 * len(range(i, 300, 7)) for i in range(7)})
         assert second.stats.events == 300
@@ -121,32 +110,16 @@ async def test_bad_records_go_to_the_dead_letter_topic_and_good_ones_still_count
     async with KafkaQuotaStore(producer_config) as store:
         store.record(usage("acme", 100))
         await store.publisher.flush()
-        raw = AIOKafkaProducer(bootstrap_servers=aggregator_config.connection.bootstrap_servers)
-        await raw.start()
-        try:
-            await raw.send_and_wait(layout.usage, b"\xff\x00 not json", key=b"acme")
-            await raw.send_and_wait(layout.usage, b'{"tenant_id": "acme"}', key=b"acme")
-        finally:
-            await raw.stop()
+        await send_raw(
+            aggregator_config.connection, layout.usage, [(b"acme", b"\xff\x00 not json"), (b"acme", b'{"tenant_id": "acme"}')]
+        )
         store.record(usage("acme", 50))
         await store.publisher.flush()
     async with AggregatorService(aggregator_config) as aggregator:
         await wait_for_totals(aggregator_config, {("acme", "2026-04"): 150})
         assert aggregator.stats.dead_letters == 2
-    consumer = AIOKafkaConsumer(
-        layout.dead_letters, bootstrap_servers=aggregator_config.connection.bootstrap_servers,
-        auto_offset_reset="earliest", enable_auto_commit=False,
-    )
-    await consumer.start()
-    try:
-        letters = []
-        async with asyncio.timeout(20):
-            while len(letters) < 2:
-                for records in (await consumer.getmany(timeout_ms=500)).values():
-                    letters.extend(records)
-    finally:
-        await consumer.stop()
-    reasons = sorted(dict(letter.headers)["tokenguard.error.reason"].decode() for letter in letters)
+    letters = await read_topic(aggregator_config.connection, layout.dead_letters)
+    reasons = sorted(map(reason_of, letters))
     assert reasons == ["invalid_json", "invalid_schema"]
     assert {letter.value for letter in letters} == {b"\xff\x00 not json", b'{"tenant_id": "acme"}'}
     assert all(letter.key == b"acme" for letter in letters)
@@ -158,25 +131,10 @@ async def test_usage_topic_is_the_replayable_record_billing_reads(
     async with KafkaQuotaStore(producer_config) as store:
         middleware = TokenGuardMiddleware(quota_store=store, quota_tokens=10**6, user_id_getter=lambda _: "acme")
         agent = Agent(ScriptedChatClient(model="scripted-7"))
-        await agent.run("Hello!", middleware=[middleware])
-        stream = agent.run("Stream it", stream=True, middleware=[middleware])
-        async for _ in stream:
-            pass
-        await stream.get_final_response()
+        await run_agent(agent, middleware=[middleware])
+        await run_agent(agent, "Stream it", stream=True, middleware=[middleware])
         await store.publisher.flush()
-    consumer = AIOKafkaConsumer(
-        producer_config.topics.usage, bootstrap_servers=producer_config.connection.bootstrap_servers,
-        auto_offset_reset="earliest", enable_auto_commit=False,
-    )
-    await consumer.start()
-    try:
-        events = []
-        async with asyncio.timeout(20):
-            while len(events) < 2:
-                for records in (await consumer.getmany(timeout_ms=500)).values():
-                    events.extend(decode_usage(r.value) for r in records)
-    finally:
-        await consumer.stop()
+    events = [decode_usage(r.value) for r in await read_topic(producer_config.connection, producer_config.topics.usage)]
     assert [e.streaming for e in events] == [False, True]
     assert all(e.tenant_id == "acme" and e.model == "scripted-7" and e.instance_id == "test-a" for e in events)
     assert len({e.event_id for e in events}) == 2
@@ -186,16 +144,8 @@ async def test_usage_topic_is_the_replayable_record_billing_reads(
 async def test_aggregator_cli_runs_and_stops_cleanly_on_sigterm(
     producer_config: ProducerConfig, aggregator_config: AggregatorConfig
 ) -> None:
-    import os
-    import signal
-    import sys
-
-    layout = aggregator_config.topics
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "aggregator", "--bootstrap-servers", aggregator_config.connection.bootstrap_servers,
-        "--topic-prefix", layout.prefix, "--partitions", str(layout.partitions), "--group-id", aggregator_config.group_id,
-        env={**os.environ, "PYTHONPATH": "."}, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )
+    process = AggregatorProcess(aggregator_config)
+    await process.start()
     try:
         async with KafkaQuotaStore(producer_config) as store:
             store.record(usage("acme", 600, quota=500))
@@ -203,10 +153,9 @@ async def test_aggregator_cli_runs_and_stops_cleanly_on_sigterm(
             await store.feed.wait_until(lambda snap: snap.notice("acme", "2026-04") is not None, timeout=30)
             assert not store.check("acme", "2026-04", 500).allowed
     finally:
-        process.send_signal(signal.SIGTERM)
-        _, stderr = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode == 0, stderr.decode()[-2000:]
-    assert b"aggregator stopped" in stderr
+        code = await process.terminate()
+    assert code == 0, process.log()[-2000:]
+    assert "aggregator stopped" in process.log()
 
 
 async def test_limit_changes_apply_at_once_raised_unblocks_lowered_blocks(
@@ -225,8 +174,7 @@ async def test_limit_changes_apply_at_once_raised_unblocks_lowered_blocks(
 
         return check
 
-    async with AggregatorService(aggregator_config) as aggregator, KafkaQuotaStore(producer_config) as store:
-        await asyncio.wait_for(aggregator.assigned.wait(), 30)
+    async with running_aggregator(aggregator_config), KafkaQuotaStore(producer_config) as store:
         store.record(usage("acme", 600, period=period, quota=500))
         await store.feed.wait_until(state_is("exceeded", 500), timeout=30)
         assert not store.check("acme", period, 500).allowed

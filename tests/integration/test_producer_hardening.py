@@ -8,14 +8,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from agent_framework import Agent
-from aiokafka import AIOKafkaProducer
 
 from aggregator.config import AggregatorConfig
 from aggregator.limits import LimitsFeed, write_limit
 from aggregator.state import Limits
 from producer import KafkaQuotaStore, ProducerConfig, TokenGuardMiddleware, ensure_topics
-from producer.notices_feed import NoticesFeed
-from producer.snapshot import QuotaSnapshot
 from producer.validation import (
     MAX_ATTRIBUTE_VALUE_CHARS,
     MAX_ATTRIBUTES,
@@ -27,8 +24,18 @@ from producer.validation import (
 from schemas.limits import QuotaLimit
 from schemas.notices import Heartbeat, QuotaNotice
 from schemas.wire import decode_usage_record, encode, heartbeat_key, limit_key, tenant_period_key, usage_key
-from tests.helpers import eventually, make_event, read_topic, send_raw, send_with_raw_header_name
-from tests.unit.test_producer_hardening import HOSTILE_MODELS, HOSTILE_USAGE, Hostile
+from tests.helpers import (
+    RawRecord,
+    eventually,
+    make_event,
+    notices_feed,
+    read_topic,
+    run_agent,
+    send_raw,
+    send_raw_header_record,
+    send_records,
+)
+from tests.hostile_client import HOSTILE_MODELS, HOSTILE_USAGE, Hostile
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +57,7 @@ async def write_hostile_limits(config: AggregatorConfig) -> None:
         (limit_key("never-set"), None),  # a tombstone for a tenant without a limit
         (b'["tenant", "acme", "extra"]', encode(limit("acme", 3))),
     ])
-    await send_with_raw_header_name(config.connection, topic, limit_key("acme"), encode(limit("acme", 2)))
+    await send_raw_header_record(config.connection, topic, limit_key("acme"), encode(limit("acme", 2)))
 
 
 async def test_the_limits_follower_survives_hostile_records_and_applies_later_limits(
@@ -101,23 +108,18 @@ async def test_the_notices_feed_survives_garbage_notices(producer_config: Produc
         (b"\x00", b'{"type": "heartbeat", "usage_partition": -1}'),
     ]
     await send_raw(producer_config.connection, topic, garbage)
-    await send_with_raw_header_name(producer_config.connection, topic, b"k", encode(notice(999)))
+    await send_raw_header_record(producer_config.connection, topic, b"k", encode(notice(999)))
     await send_raw(producer_config.connection, topic, [(tenant_period_key("acme", "2026-04"), encode(notice(10)))])
-    snapshot = QuotaSnapshot()
-    feed = NoticesFeed(producer_config, snapshot)
-    await feed.start()
-    try:
+    async with notices_feed(producer_config) as (feed, snapshot):
         held = snapshot.notice("acme", "2026-04")
         assert held is not None and held.used_tokens == 10
         await send_raw(producer_config.connection, topic, garbage)
-        await send_with_raw_header_name(producer_config.connection, topic, b"k", encode(notice(999)))
+        await send_raw_header_record(producer_config.connection, topic, b"k", encode(notice(999)))
         later = notice(20)
         await send_raw(producer_config.connection, topic, [(tenant_period_key("acme", "2026-04"), encode(later))])
         await feed.wait_until(lambda s: (n := s.notice("acme", "2026-04")) is not None and n.used_tokens == 20, 30)
         assert feed.failed is None
         assert feed.skipped == {"invalid_json": 4, "invalid_schema": 4, "unreadable": 2}, feed.skipped
-    finally:
-        await feed.stop()
 
 
 # --- control records bounded ----------------------------------------------------------------
@@ -132,13 +134,8 @@ def acme_notice(state: str, offset: int, *, partition: int, used: int, limit_tok
 
 async def real_usage_offset(config: ProducerConfig, tenant: str) -> tuple[int, int]:
     """(partition, offset) of a usage record really on the topic, as a genuine notice covers."""
-    producer = AIOKafkaProducer(**config.connection.client_kwargs(), acks="all")
-    await producer.start()
-    try:
-        meta = await producer.send_and_wait(config.topics.usage, encode(make_event(tenant, 600)), key=usage_key(tenant))
-    finally:
-        await producer.stop()
-    return meta.partition, meta.offset
+    [at] = await send_records(config.connection, config.topics.usage, [RawRecord(usage_key(tenant), encode(make_event(tenant, 600)))])
+    return at
 
 
 async def test_a_notice_claiming_an_offset_beyond_the_usage_end_never_outranks_genuine_ones(
@@ -152,10 +149,7 @@ async def test_a_notice_claiming_an_offset_beyond_the_usage_end_never_outranks_g
     await send_raw(producer_config.connection, producer_config.topics.notices, [
         (key, encode(forged)), (key, encode(acme_notice("warning", offset - 1 if offset else -1, partition=partition, used=450))),
     ])
-    snapshot = QuotaSnapshot()
-    feed = NoticesFeed(producer_config, snapshot)
-    await feed.start()
-    try:
+    async with notices_feed(producer_config) as (feed, snapshot):
         held = snapshot.notice("acme", "2026-04")
         assert held is not None and held.state == "warning", "the forged 'ok' was not taken at start"
         assert feed.ignored == {"offset_beyond_end": 1}
@@ -167,8 +161,6 @@ async def test_a_notice_claiming_an_offset_beyond_the_usage_end_never_outranks_g
         assert not snapshot.decide("acme", "2026-04", 10**15).allowed
         await eventually(lambda: feed.ignored["offset_beyond_end"] == 2, 10, "the second forgery ignored")
         assert snapshot.notice("acme", "2026-04").state == "exceeded"  # type: ignore[union-attr]
-    finally:
-        await feed.stop()
 
 
 async def test_a_heartbeat_dated_9999_does_not_keep_a_partition_fresh(producer_config: ProducerConfig) -> None:
@@ -212,13 +204,7 @@ async def test_every_event_the_store_publishes_for_hostile_calls_is_one_the_aggr
                         period_key_fn=lambda: "P" * MAX_PERIOD_CHARS,
                     )
                     agent = Agent(Hostile(usage, model))
-                    if stream:
-                        response = agent.run("Hello!", stream=True, middleware=[guard])
-                        async for _ in response:
-                            pass
-                        await response.get_final_response()
-                    else:
-                        await agent.run("Hello!", middleware=[guard])
+                    await run_agent(agent, "Hello!", stream=stream, middleware=[guard])
                     calls += 1
         await store.publisher.flush(30)
     records = await read_topic(config.connection, config.topics.usage)

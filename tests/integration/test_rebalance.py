@@ -95,10 +95,10 @@ class Member:
 
     def owned(self) -> frozenset[int]:
         """The partitions this incarnation's log says it owns now."""
-        if self.process is None or not self.process.log_path.exists():
+        if self.process is None:
             return frozenset()
         owned: set[int] = set()
-        for change, listed in _ASSIGNMENT.findall(self.process.log_path.read_text(errors="replace")):
+        for change, listed in _ASSIGNMENT.findall(self.process.log()):
             partitions = {int(p) for p in listed.replace(" ", "").split(",") if p}
             owned = owned | partitions if change == "assigned" else owned - partitions
         return frozenset(owned)
@@ -106,7 +106,7 @@ class Member:
     def log_tail(self, lines: int = 15) -> str:
         if self.process is None or not self.process.log_path.exists():
             return f"{self!r}: no log"
-        text = self.process.log_path.read_text(errors="replace").splitlines()[-lines:]
+        text = self.process.log().splitlines()[-lines:]
         return f"--- {self!r} ({self.process.log_path})\n" + "\n".join(text)
 
 

@@ -14,52 +14,40 @@ from agent_framework import Agent
 
 import localkafka
 from aggregator import AggregatorConfig, AggregatorService
-from aggregator.changelog import read_changelog
 from producer import (
     KafkaConnection,
     KafkaQuotaStore,
     ProducerConfig,
-    QuotaExceededError,
     TokenGuardMiddleware,
     ensure_topics,
     tenant_scope,
 )
 from producer.errors import QuotaUnavailableError
 from producer.scripted import ScriptedChatClient
-from producer.store import CallUsage
 from schemas.topics import TopicLayout
-from tests.helpers import call_usage, eventually
+from tests.helpers import (
+    admitted_of,
+    call_usage,
+    cost_of_one_call,
+    eventually,
+    run_agent,
+    running_aggregator,
+    wait_for_totals,
+)
 
 pytestmark = pytest.mark.integration
-
-
-def spend(tenant: str, tokens: int, period: str = "2026-04") -> CallUsage:
-    return call_usage(tenant, tokens, period=period)
 
 
 async def test_100_concurrent_calls_with_headroom_for_10_admit_at_most_10(
     producer_config: ProducerConfig, aggregator_config: AggregatorConfig
 ) -> None:
-    async with AggregatorService(aggregator_config) as aggregator, KafkaQuotaStore(producer_config) as store:
-        await asyncio.wait_for(aggregator.assigned.wait(), 30)
+    async with running_aggregator(aggregator_config), KafkaQuotaStore(producer_config) as store:
         partition = store.publisher.partition_of("acme")
         await eventually(lambda: store.snapshot.heartbeat_age(partition) is not None, 30, "first heartbeat")
-        probe: list[dict] = []
         agent = Agent(ScriptedChatClient(reply_words=40, latency_s=0.05), default_options={"max_tokens": 60})
-        measure = TokenGuardMiddleware(quota_store=store, quota_tokens=10**9, on_usage=probe.append,
-                                       user_id_getter=lambda _: "probe")
-        await agent.run("Hello!", middleware=[measure])
-        cost = probe[0]["total_tokens"]
+        cost = await cost_of_one_call(agent)
         guard = TokenGuardMiddleware(quota_store=store, quota_tokens=10 * cost, user_id_getter=lambda _: "acme")
-
-        async def one() -> bool:
-            try:
-                await agent.run("Hello!", middleware=[guard])
-                return True
-            except QuotaExceededError:
-                return False
-
-        admitted = sum(await asyncio.gather(*(one() for _ in range(100))))
+        admitted = await admitted_of(agent, guard)
     assert 0 < admitted <= 10
 
 
@@ -73,12 +61,10 @@ async def test_staleness_policies_when_the_aggregator_stops(
     def with_policy(policy: str) -> ProducerConfig:
         return replace(base, stale_policy=policy, instance_id=policy, spool_dir=tmp_path / policy)  # type: ignore[arg-type]
 
-    async with AggregatorService(aggregator_config) as aggregator:
-        await asyncio.wait_for(aggregator.assigned.wait(), 30)
-        async with KafkaQuotaStore(with_policy("fail_closed")) as store:
-            store.record(spend("hot", 900, period))  # over its 500 quota
-            await store.feed.wait_until(lambda s: (n := s.notice("hot", period)) is not None and n.state == "exceeded", 30)
-            assert store.check("cold", period, 500).allowed, "fresh: fail_closed changes nothing"
+    async with running_aggregator(aggregator_config), KafkaQuotaStore(with_policy("fail_closed")) as store:
+        store.record(call_usage("hot", 900, period=period))  # over its 500 quota
+        await store.feed.wait_until(lambda s: (n := s.notice("hot", period)) is not None and n.state == "exceeded", 30)
+        assert store.check("cold", period, 500).allowed, "fresh: fail_closed changes nothing"
     # The aggregator is gone; its last heartbeats age past stale_after_s.
     stores = {policy: KafkaQuotaStore(with_policy(policy)) for policy in ("fail_open", "fail_closed", "local_only")}
     for store in stores.values():
@@ -93,7 +79,7 @@ async def test_staleness_policies_when_the_aggregator_stops(
         assert not fail_closed.check("cold", period, 500).allowed
         assert not local_only.check("hot", period, 500).allowed, "local_only keeps the last known totals"
         assert local_only.check("cold", period, 500).allowed
-        local_only.record(spend("cold", 600, period))
+        local_only.record(call_usage("cold", 600, period=period))
         assert not local_only.check("cold", period, 500).allowed, "and counts its own spend"
 
         guard = TokenGuardMiddleware(quota_store=fail_closed, quota_tokens=500, user_id_getter=lambda _: "cold")
@@ -121,10 +107,11 @@ async def _outage_scenario(port: int, connection: KafkaConnection, tmp_path: Pat
     config = ProducerConfig(
         connection=connection, topics=layout, send_timeout_s=2.0, stop_timeout_s=3.0, catch_up_timeout_s=20,
     )
-    tallies: dict[str, int] = {}
+    tallies: dict[tuple[str, str], int] = {}
 
     def tally(record: dict) -> None:  # what the middleware recorded, the ground truth
-        tallies[record["user_id"]] = tallies.get(record["user_id"], 0) + record["total_tokens"]
+        key = (record["user_id"], record["period_key"])
+        tallies[key] = tallies.get(key, 0) + record["total_tokens"]
 
     def fleet_member(name: str, spool: Path) -> KafkaQuotaStore:
         return KafkaQuotaStore(replace(config, instance_id=name, spool_dir=spool))
@@ -142,13 +129,7 @@ async def _outage_scenario(port: int, connection: KafkaConnection, tmp_path: Pat
         agent = Agent(ScriptedChatClient(reply_words=(10, 60), seed=seed))
         while running[name]:
             with tenant_scope(f"tenant-{rng.randrange(20)}"):
-                if rng.random() < 0.3:
-                    stream = agent.run("Hello!", stream=True, middleware=[guard])
-                    async for _ in stream:
-                        pass
-                    await stream.get_final_response()
-                else:
-                    await agent.run("Hello!", middleware=[guard])
+                await run_agent(agent, stream=rng.random() < 0.3, middleware=[guard])
             await asyncio.sleep(0.02)
 
     tasks = {name: asyncio.create_task(caller(name, i)) for i, name in enumerate(stores)}
@@ -179,12 +160,6 @@ async def _outage_scenario(port: int, connection: KafkaConnection, tmp_path: Pat
 
     aggregator_config = AggregatorConfig(connection=connection, topics=layout, group_id="outage-aggregator")
     async with AggregatorService(aggregator_config) as aggregator:
-        async with asyncio.timeout(60):
-            while True:
-                totals = await read_changelog(connection, layout.totals)
-                seen = {tenant: record.used_tokens for (tenant, _), record in totals.items()}
-                if seen == tallies:
-                    break
-                await asyncio.sleep(0.5)
+        await wait_for_totals(aggregator_config, tallies, timeout=60)
     assert spooled_during_outage > 0
     assert sum(tallies.values()) > 0 and aggregator.stats.events > 0

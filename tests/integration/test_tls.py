@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from aggregator import AggregatorConfig, AggregatorService
 from aggregator.changelog import read_changelog
 from producer import KafkaConnection, KafkaQuotaStore, ProducerConfig
 from schemas.topics import TopicLayout
-from tests.helpers import call_usage, eventually
+from tests.helpers import call_usage, eventually, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -37,12 +36,6 @@ def make_ca_and_server_cert(folder: Path) -> tuple[Path, Path]:
     keystore = folder / "keystore.pem"
     keystore.write_text((folder / "server.pk8").read_text() + (folder / "server.pem").read_text())
     return folder / "ca.pem", keystore
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.mark.timeout(180)

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from tests.helpers import send_raw, send_with_raw_header_name
+from tests.helpers import RawRecord, create_topic, partition_of, send_raw, send_raw_header_record, send_records
 from transport.admin import close_consumer, start_consumer
 from transport.connection import KafkaConnection
 from transport.fetch import getmany_safe
@@ -15,22 +14,13 @@ from transport.fetch import getmany_safe
 pytestmark = pytest.mark.integration
 
 
-async def _topic(connection: KafkaConnection, name: str) -> None:
-    admin = AIOKafkaAdminClient(**connection.client_kwargs())
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(name, 1, 1)])
-    finally:
-        await admin.close()
-
-
 async def test_unparseable_header_name_is_skipped_and_reported(connection: KafkaConnection, layout) -> None:
     topic = f"{layout.prefix}raw"
-    await _topic(connection, topic)
+    await create_topic(connection, topic)
     await send_raw(connection, topic, [(b"k", f"before-{i}".encode()) for i in range(5)])
-    await send_with_raw_header_name(connection, topic, b"k", b"poison")
+    await send_raw_header_record(connection, topic, b"k", b"poison")
     await send_raw(connection, topic, [(b"k", f"after-{i}".encode()) for i in range(5)])
-    await send_with_raw_header_name(connection, topic, b"k", b"poison-last")
+    await send_raw_header_record(connection, topic, b"k", b"poison-last")
 
     plain = AIOKafkaConsumer(**connection.client_kwargs(), group_id=None, auto_offset_reset="earliest")
     await start_consumer(plain)
@@ -67,32 +57,14 @@ async def test_records_of_other_partitions_fetched_with_the_bad_one_are_not_lost
 ) -> None:
     """aiokafka drains partition after partition into one result; when one raises, the others'
     records were already consumed. Wherever the bad record sits, nothing else may be lost."""
-    from aiokafka import AIOKafkaProducer
-
     topic = f"{layout.prefix}multi"
-    admin = AIOKafkaAdminClient(**connection.client_kwargs())
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, 3, 1)])
-    finally:
-        await admin.close()
-    producer = AIOKafkaProducer(**connection.client_kwargs(), acks="all")
-    await producer.start()
-    try:
-        for partition in range(3):
-            await producer.send_and_wait(topic, f"first-{partition}".encode(), partition=partition)
-    finally:
-        await producer.stop()
-    key = next(k for k in (f"k{i}".encode() for i in range(1000)) if _home(k) == bad_partition)
-    await send_with_raw_header_name(connection, topic, key, b"poison")
-    producer = AIOKafkaProducer(**connection.client_kwargs(), acks="all")
-    await producer.start()
-    try:
-        for partition in range(3):
-            for i in range(3):
-                await producer.send_and_wait(topic, f"after-{partition}-{i}".encode(), partition=partition)
-    finally:
-        await producer.stop()
+    await create_topic(connection, topic, partitions=3)
+    await send_records(connection, topic, [RawRecord(None, f"first-{p}".encode(), partition=p) for p in range(3)])
+    key = next(k for k in (f"k{i}".encode() for i in range(1000)) if partition_of(k, 3) == bad_partition)
+    await send_raw_header_record(connection, topic, key, b"poison")
+    await send_records(
+        connection, topic, [RawRecord(None, f"after-{p}-{i}".encode(), partition=p) for p in range(3) for i in range(3)]
+    )
 
     consumer = AIOKafkaConsumer(**connection.client_kwargs(), group_id=None, auto_offset_reset="earliest")
     await start_consumer(consumer)
@@ -112,8 +84,3 @@ async def test_records_of_other_partitions_fetched_with_the_bad_one_are_not_lost
     assert sorted(values) == sorted(expected)
     assert [(u.partition, u.offset) for u in skipped] == [(bad_partition, 1)]
 
-
-def _home(key: bytes) -> int:
-    from aggregator.intake import expected_partition
-
-    return expected_partition(key, 3)

@@ -11,7 +11,6 @@ fall anywhere in the sequence. A's totals must equal those of A's records fed al
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from hypothesis import HealthCheck, given, settings
@@ -22,22 +21,17 @@ from aggregator.state import Limits, Outcome, TotalsState
 from schemas.errors import DecodeError
 from schemas.usage import UsageEvent
 from schemas.wire import encode
+from tests.helpers import FakeRecord, tenant_on
 
 PARTITIONS = 3
 A = "tenant-a"
 A_HOME = expected_partition(A.encode(), PARTITIONS)
 
 
-def _tenant_on(partition: int, prefix: str) -> str:
-    return next(
-        f"{prefix}{i}" for i in range(1000) if expected_partition(f"{prefix}{i}".encode(), PARTITIONS) == partition
-    )
-
-
 # B on A's partition (shares its dedup window and offsets), B elsewhere, and Bs that look like A.
 B_TENANTS = [
-    _tenant_on(A_HOME, "b-same-"),
-    _tenant_on((A_HOME + 1) % PARTITIONS, "b-other-"),
+    tenant_on(A_HOME, PARTITIONS, "b-same-"),
+    tenant_on((A_HOME + 1) % PARTITIONS, PARTITIONS, "b-other-"),
     "tenant-a ",
     "Tenant-a",
     "tenant-\u0430",  # Cyrillic a
@@ -46,14 +40,6 @@ B_TENANTS = [
 A_IDS = [f"aid{i:08d}" for i in range(8)]
 PERIODS = ["2026-04", "2026-05"]
 T0 = datetime(2026, 4, 1, tzinfo=UTC)
-
-
-@dataclass
-class Rec:
-    partition: int
-    key: bytes | None
-    value: bytes | None
-    headers: list[tuple[str, bytes | None]] = field(default_factory=list)
 
 
 def event(tenant: str, event_id: str, tokens: int, period: str, quota: int = 1_000) -> UsageEvent:
@@ -68,9 +54,9 @@ def event(tenant: str, event_id: str, tokens: int, period: str, quota: int = 1_0
     )
 
 
-def a_stream(picks: list[tuple[int, int, int]]) -> list[tuple[Rec, UsageEvent | None]]:
+def a_stream(picks: list[tuple[int, int, int]]) -> list[tuple[FakeRecord, UsageEvent | None]]:
     """A's own records: unique ids with some exact re-sends (at-least-once). (record, event if it counts)."""
-    out: list[tuple[Rec, UsageEvent | None]] = []
+    out: list[tuple[FakeRecord, UsageEvent | None]] = []
     sent: dict[str, UsageEvent] = {}
     for index, tokens, period in picks:
         event_id = A_IDS[index]
@@ -79,7 +65,7 @@ def a_stream(picks: list[tuple[int, int, int]]) -> list[tuple[Rec, UsageEvent | 
         else:
             e = sent[event_id] = event(A, event_id, tokens, PERIODS[period])
             counts = e
-        out.append((Rec(A_HOME, A.encode(), encode(e), [("ce_id", event_id.encode())]), counts))
+        out.append((FakeRecord(A_HOME, A.encode(), encode(e), [("ce_id", event_id.encode())]), counts))
     return out
 
 
@@ -93,7 +79,7 @@ headers = st.one_of(
 
 
 @st.composite
-def b_record(draw: st.DrawFn) -> Rec:
+def b_record(draw: st.DrawFn) -> FakeRecord:
     b = draw(st.sampled_from(B_TENANTS))
     event_id = draw(ids)
     tokens = draw(st.integers(0, 100_000_000))
@@ -121,7 +107,7 @@ def b_record(draw: st.DrawFn) -> Rec:
     if claims == "b" and shape in ("plain", "extra"):
         keys.append(A.encode())
     key = draw(st.sampled_from(keys))
-    return Rec(draw(st.integers(0, PARTITIONS - 1)), key, value, draw(headers))
+    return FakeRecord(draw(st.integers(0, PARTITIONS - 1)), key, value, draw(headers))
 
 
 class Feeder:
@@ -132,7 +118,7 @@ class Feeder:
         self.next_offset = dict.fromkeys(range(PARTITIONS), 0)
         self.accepted: dict[int, list[UsageEvent]] = {p: [] for p in range(PARTITIONS)}
 
-    def feed(self, record: Rec) -> Outcome | None:
+    def feed(self, record: FakeRecord) -> Outcome | None:
         offset = self.next_offset[record.partition]
         self.next_offset[record.partition] += 1
         try:
@@ -203,7 +189,7 @@ def test_b_reusing_a_id_on_a_partition_first_does_not_drop_a_event() -> None:
     b = B_TENANTS[0]
     feeder = Feeder()
     stolen = event(b, A_IDS[0], 999, PERIODS[0])
-    assert feeder.feed(Rec(A_HOME, b.encode(), encode(stolen), [("ce_id", A_IDS[0].encode())])) is Outcome.APPLIED
+    assert feeder.feed(FakeRecord(A_HOME, b.encode(), encode(stolen), [("ce_id", A_IDS[0].encode())])) is Outcome.APPLIED
     mine = event(A, A_IDS[0], 10, PERIODS[0])
-    assert feeder.feed(Rec(A_HOME, A.encode(), encode(mine), [("ce_id", A_IDS[0].encode())])) is Outcome.APPLIED
+    assert feeder.feed(FakeRecord(A_HOME, A.encode(), encode(mine), [("ce_id", A_IDS[0].encode())])) is Outcome.APPLIED
     assert feeder.state.totals[(A, PERIODS[0])].used == 10

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
@@ -11,21 +9,13 @@ from aggregator.deadletter import dead_letter
 from aggregator.intake import accept, expected_partition
 from schemas.errors import DecodeError
 from schemas.wire import encode
-from tests.helpers import make_event
+from tests.helpers import FakeRecord, make_event, partition_of
 
 
-@dataclass
-class Record:
-    partition: int
-    key: bytes | None
-    value: bytes | None
-    headers: list[tuple[str, bytes | None]] = field(default_factory=list)
-
-
-def record_for(tenant: str, partitions: int = 6, **changes: object) -> Record:
+def record_for(tenant: str, partitions: int = 6, **changes: object) -> FakeRecord:
     event = make_event(tenant, 10)
     key = tenant.encode()
-    record = Record(expected_partition(key, partitions), key, encode(event), [("ce_id", event.event_id.encode())])
+    record = FakeRecord(partition_of(key, partitions), key, encode(event), [("ce_id", event.event_id.encode())])
     for name, value in changes.items():
         setattr(record, name, value)
     return record

@@ -9,48 +9,33 @@ from agent_framework import Agent
 
 from producer import InMemoryQuotaStore, QuotaExceededError, TokenGuardMiddleware
 from producer.scripted import ScriptedChatClient
-from tests.helpers import eventually
+from tests.helpers import admitted_of, cost_of_one_call, eventually, run_agent
 
 
-async def cost_of_one_call() -> int:
-    records: list[dict] = []
-    guard = TokenGuardMiddleware(quota_store=InMemoryQuotaStore(), quota_tokens=10**9, on_usage=records.append)
-    await Agent(ScriptedChatClient(reply_words=40), default_options={"max_tokens": 60}).run("Hello!", middleware=[guard])
-    return int(records[0]["total_tokens"])
-
-
-async def admitted_of_100_concurrent(guard: TokenGuardMiddleware) -> int:
-    agent = Agent(ScriptedChatClient(reply_words=40, latency_s=0.05), default_options={"max_tokens": 60})
-
-    async def one() -> bool:
-        try:
-            await agent.run("Hello!", middleware=[guard])
-            return True
-        except QuotaExceededError:
-            return False
-
-    return sum(await asyncio.gather(*(one() for _ in range(100))))
+def overlapping() -> Agent:
+    """40-word replies (max_tokens 60) after 50 ms: concurrent calls overlap."""
+    return Agent(ScriptedChatClient(reply_words=40, latency_s=0.05), default_options={"max_tokens": 60})
 
 
 async def test_concurrent_calls_cannot_all_pass_one_check() -> None:
-    cost = await cost_of_one_call()
+    cost = await cost_of_one_call(overlapping())
     guard = TokenGuardMiddleware(quota_store=InMemoryQuotaStore(), quota_tokens=10 * cost)
-    admitted = await admitted_of_100_concurrent(guard)
+    admitted = await admitted_of(overlapping(), guard)
     assert admitted <= 10
     assert guard.stats.blocked == 100 - admitted
 
 
 async def test_without_reservations_the_seed_race_admits_them_all() -> None:
-    cost = await cost_of_one_call()
+    cost = await cost_of_one_call(overlapping())
     guard = TokenGuardMiddleware(quota_store=InMemoryQuotaStore(), quota_tokens=10 * cost, reserve_in_flight=False)
-    assert await admitted_of_100_concurrent(guard) == 100
+    assert await admitted_of(overlapping(), guard) == 100
 
 
 async def test_in_flight_bound_caps_concurrent_calls_of_a_tenant() -> None:
     guard = TokenGuardMiddleware(quota_store=InMemoryQuotaStore(), quota_tokens=10**9, max_in_flight_per_tenant=7)
     alerts: list[dict] = []
     guard.on_quota_exceeded = alerts.append
-    assert await admitted_of_100_concurrent(guard) == 7
+    assert await admitted_of(overlapping(), guard) == 7
     assert {a["reason"] for a in alerts} == {"too_many_calls_in_flight"}
 
 
@@ -113,7 +98,7 @@ async def test_a_failing_alert_callback_still_blocks_with_quota_exceeded() -> No
 
 async def test_warning_fires_once_when_usage_reaches_the_ratio() -> None:
     warnings: list[dict] = []
-    cost = await cost_of_one_call()
+    cost = await cost_of_one_call(overlapping())
     guard = TokenGuardMiddleware(
         quota_store=InMemoryQuotaStore(), quota_tokens=4 * cost, on_quota_warning=warnings.append, warning_ratio=0.5
     )
@@ -152,13 +137,7 @@ async def test_a_hanging_async_callback_is_cut_off_and_the_call_still_records_it
     loop = asyncio.get_running_loop()
     for stream in (False, True):
         started = loop.time()
-        if stream:
-            response = Agent(ScriptedChatClient()).run("Hello!", stream=True, middleware=[guard])
-            async for _ in response:
-                pass
-            text = (await response.get_final_response()).text
-        else:
-            text = (await Agent(ScriptedChatClient()).run("Hello!", middleware=[guard])).text
+        text = (await run_agent(Agent(ScriptedChatClient()), stream=stream, middleware=[guard])).text
         elapsed = loop.time() - started
         assert text and hung.is_set()
         assert elapsed < 0.2 + 0.8, f"the call took {elapsed:.2f}s with a 0.2s callback timeout"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_framework import Agent, ChatResponse, ChatResponseUpdate, Content, Message, ResponseStream
+from agent_framework import Agent
 from aiokafka.structs import ConsumerRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -42,6 +42,8 @@ from producer.validation import (
 from schemas import _types
 from schemas.usage import UsageEvent
 from schemas.wire import decode_usage, encode_usage
+from tests.helpers import run_agent
+from tests.hostile_client import HOSTILE_MODELS, HOSTILE_USAGE, Hostile, details
 from transport.follower import TopicFollower
 
 NOW = datetime(2026, 4, 14, tzinfo=UTC)
@@ -190,10 +192,6 @@ def settle(details: Mapping[str, Any], inp: int = 7, out: int = 11) -> tuple[int
     return counts.input_tokens, counts.output_tokens, counts.total_tokens, counts.estimated
 
 
-def details(inp: Any = None, out: Any = None, total: Any = None) -> dict[str, Any]:
-    return {"input_token_count": inp, "output_token_count": out, "total_token_count": total}
-
-
 @pytest.mark.parametrize(
     ("reported", "expected"),
     [
@@ -286,32 +284,6 @@ def test_a_well_formed_call_usage_is_left_as_it_is() -> None:
 # --- nothing admitted is later dead-lettered for its shape ----------------------------------
 
 
-class Hostile(ScriptedChatClient):
-    """Reports whatever usage and model name it is told to, streaming or not."""
-
-    def __init__(self, usage: dict[str, Any], model: Any, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.hostile_usage = usage
-        self.model = model
-
-    def _inner_get_response(self, *, messages: Any, stream: bool, options: Any, **kwargs: Any) -> Any:
-        self.calls += 1
-        text = "a fair reply of a few words"
-        if stream:
-            return ResponseStream(self._updates(text), finalizer=ChatResponse.from_updates)
-        return self._answer(text)
-
-    async def _answer(self, text: str) -> ChatResponse:
-        return ChatResponse(messages=[Message(role="assistant", contents=[text])],
-                            usage_details=self.hostile_usage or None, model=self.model)
-
-    async def _updates(self, text: str) -> Any:
-        contents = [Content.from_text(text)]
-        if self.hostile_usage:
-            contents.append(Content.from_usage(self.hostile_usage))  # type: ignore[arg-type]
-        yield ChatResponseUpdate(role="assistant", contents=contents, model=self.model)
-
-
 class Capturing:
     """A ``QuotaBackend`` that builds each event exactly as ``KafkaQuotaStore.record`` does and
     keeps it, instead of handing it to a publisher (no broker in unit tests)."""
@@ -327,20 +299,6 @@ class Capturing:
     def record(self, usage: CallUsage) -> int:
         self.events.append(self.store.draft(fit_usage(usage)))
         return 0
-
-
-HOSTILE_USAGE = [
-    details(-5, None, None),
-    details(None, None, None),
-    details(10, 20, 5),
-    details("12", 3.7, "nope"),
-    details(10**30, 10**30, 10**30),
-    details(True, False, None),
-    {"input_token_count": 5, "output_token_count": 5, "total_token_count": 10,
-     "cache_read_input_token_count": -3, "reasoning_output_token_count": 10**40},
-    {},
-]
-HOSTILE_MODELS = ["m" * 10_000, "\x00\x1b[2J" * 100, "x\ud800y", "é" * 257, 12345, None, ""]
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -360,13 +318,7 @@ async def test_hostile_but_accepted_calls_publish_only_events_the_aggregator_dec
                 period_key_fn=lambda: wide * MAX_PERIOD_CHARS,
             )
             agent = Agent(Hostile(usage, model))
-            if stream:
-                response = agent.run("Hello there!", stream=True, middleware=[guard])
-                async for _ in response:
-                    pass
-                await response.get_final_response()
-            else:
-                await agent.run("Hello there!", middleware=[guard])
+            await run_agent(agent, "Hello there!", stream=stream, middleware=[guard])
             admitted += 1
     assert len(backend.events) == admitted == len(HOSTILE_USAGE) * len(HOSTILE_MODELS)
     for draft in backend.events:

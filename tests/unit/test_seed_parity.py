@@ -23,6 +23,7 @@ from producer.token_tracker import (
     month_key,
     week_key,
 )
+from tests.helpers import run_agent
 
 USAGE_KEYS = {
     "user_id",
@@ -40,10 +41,7 @@ ALERT_KEYS = {"user_id", "period_key", "used_tokens", "quota_tokens", "reason"}
 
 
 async def run_stream(agent: Agent, prompt: str, middleware: TokenGuardMiddleware) -> str:
-    stream = agent.run(prompt, stream=True, middleware=[middleware])
-    async for _ in stream:
-        pass
-    return (await stream.get_final_response()).text
+    return (await run_agent(agent, prompt, stream=True, middleware=[middleware])).text
 
 
 async def test_quick_start_allows_then_blocks_with_the_alert_payload() -> None:
