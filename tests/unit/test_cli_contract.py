@@ -15,9 +15,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from importlib.metadata import version
 
+import click
 import pytest
 from aiokafka.errors import GroupAuthorizationFailedError, KafkaConnectionError, TopicAuthorizationFailedError
+from click.testing import CliRunner
 from pydantic import ValidationError
 
 from aggregator.acls import Acl, AclError, Principals, deployment_acls, kafka_acls_commands
@@ -25,11 +28,13 @@ from aggregator.cli import (
     EXIT_PROBLEM,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
+    CliSettings,
     KafkaUnreachableError,
     UsageError,
     exit_code,
     printable,
     show_limit,
+    tokenguard,
     totals_json,
     totals_row,
     validation_message,
@@ -230,6 +235,24 @@ SILENT_COMMANDS = [("usage", "show"), ("verify",), ("aggregator",)]
 ACLS_PRINT = ("acls", "--prefix", "tg.", "--agent", "User:agent", "--aggregator", "User:agg", "--operator", "User:op",
               "--group", "tg-aggregators")
 SILENT = "{silent}"  # replaced by the silent server's address
+ALIAS = "{python -m aggregator}"  # a case that starts with it runs the alias instead of tokenguard
+ALIAS_CASES = [
+    ((ALIAS, "--warning-ratio", "3"), EXIT_USAGE),
+    ((ALIAS, "verify", "--wait-s", "-1"), EXIT_USAGE),
+    ((ALIAS, "--no-such-flag"), EXIT_USAGE),
+    ((ALIAS, "--bootstrap-servers", "127.0.0.1:1", "--topic-prefix", "tg.", "--partitions", "3", "--group-id", "g",
+      "--log-level", "INFO", "--instance-id", "i-1"), EXIT_UNREACHABLE),
+    ((ALIAS, "verify", "--bootstrap-servers", "127.0.0.1:1", "--topic-prefix", "tg.", "--group-id", "g",
+      "--wait-s", "30"), EXIT_UNREACHABLE),
+]
+VERSIONS = [("--version",), (ALIAS, "--version")]
+ACLS = ("acls", "--agent", "User:a", "--aggregator", "User:g", "--operator", "User:o")
+PRECEDENCE = [  # (args, environment, the topic prefix the ACLs are printed for)
+    (ACLS, (("TOKENGUARD_TOPIC_PREFIX", "env."),), "env."),
+    (("--prefix", "root.", *ACLS), (("TOKENGUARD_TOPIC_PREFIX", "env."),), "root."),
+    (("--prefix", "root.", *ACLS, "--topic-prefix", "cmd."), (("TOKENGUARD_TOPIC_PREFIX", "env."),), "cmd."),
+    ((*ACLS, "--prefix", "flag."), (("TOKENGUARD_TOPIC_PREFIX", "not a valid prefix!"),), "flag."),
+]
 
 
 def _cases() -> list[Case]:
@@ -239,13 +262,16 @@ def _cases() -> list[Case]:
     cases += [((*args, "--bootstrap-servers", SILENT, "--connect-timeout", "2"), ()) for args in SILENT_COMMANDS]
     cases += [(("limits", "list", "--bootstrap-servers", SILENT), (("TOKENGUARD_CONNECT_TIMEOUT_S", ""),))]
     cases += [(ACLS_PRINT, ())]
+    cases += [(args, ()) for args, _ in ALIAS_CASES] + [(args, ()) for args in VERSIONS]
+    cases += [(args, env) for args, env, _ in PRECEDENCE]
     return cases
 
 
 def _run(args: tuple[str, ...], env: tuple[tuple[str, str], ...], silent: str) -> Outcome:
     started = time.monotonic()
+    module, args = ("aggregator", args[1:]) if args[:1] == (ALIAS,) else ("aggregator.cli", args)
     process = subprocess.run(
-        [sys.executable, "-m", "aggregator.cli", *(silent if arg == SILENT else arg for arg in args)],
+        [sys.executable, "-m", module, *(silent if arg == SILENT else arg for arg in args)],
         cwd=REPO, capture_output=True, timeout=60, check=False,
         # Anything that slipped past validation would meet a closed port (exit 3), never a broker.
         env={**os.environ, "PYTHONPATH": str(REPO), "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1", **dict(env)},
@@ -330,3 +356,78 @@ def test_acls_prints_without_a_broker(outcomes: dict[Case, Outcome]) -> None:
     assert code == 0 and err == "", err
     lines = [line for line in out.splitlines() if not line.startswith("#")]
     assert lines == kafka_acls_commands(_acls("tg.", "tg-aggregators"), "127.0.0.1:1")
+
+
+# -- one command tree: the alias, --version, which flag wins, every setting's variable in --help --
+
+
+@pytest.mark.parametrize(("args", "code"), ALIAS_CASES, ids=lambda case: " ".join(case)[:40] if isinstance(case, tuple) else "")
+def test_python_m_aggregator_is_tokenguard_aggregator(outcomes: dict[Case, Outcome], args: tuple[str, ...], code: int) -> None:
+    got, out, err, _ = outcomes[(args, ())]
+    assert got == code, (got, out, err)
+    assert err.count("\n") == 1 and "Traceback" not in err and out == "", err
+    assert err.startswith("tokenguard verify: " if "verify" in args else "tokenguard aggregator: "), err
+
+
+@pytest.mark.parametrize("args", VERSIONS, ids=["tokenguard", "alias"])
+def test_version_is_the_installed_distributions(outcomes: dict[Case, Outcome], args: tuple[str, ...]) -> None:
+    code, out, err, _ = outcomes[(args, ())]
+    assert (code, out, err) == (0, f"tokenguard {version('tokenguard-stream')}\n", "")
+
+
+@pytest.mark.parametrize(("args", "env", "prefix"), PRECEDENCE, ids=["env", "root flag", "command flag", "flag over bad env"])
+def test_the_commands_flag_wins_over_the_roots_over_the_environment(
+    outcomes: dict[Case, Outcome], args: tuple[str, ...], env: tuple[tuple[str, str], ...], prefix: str
+) -> None:
+    code, out, err, _ = outcomes[(args, env)]
+    assert code == 0 and err == "", err
+    assert out.startswith(f"# Kafka ACLs for topic prefix {prefix!r} and"), out
+
+
+# Arguments of one operation: no environment variable may change what a command does to the data.
+OPERATION_ARGUMENTS = {"help", "version", "tenant", "default", "tokens", "period", "warning_ratio", "as_json", "since",
+                       "agent", "aggregator", "operator", "apply"}
+# Settings only the environment sets: secrets never go on a command line (ps shows it).
+ENVIRONMENT_ONLY = {"security_protocol", "sasl_mechanism", "sasl_username", "sasl_password", "ssl_cafile",
+                    "ssl_certfile", "ssl_keyfile", "ssl_password"}
+
+
+def _commands(group: click.Group = tokenguard, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], click.Command]]:
+    yield path, group
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*path, name))
+        else:
+            yield (*path, name), command
+
+
+def test_every_settings_flag_shows_its_variable_and_every_setting_has_a_flag() -> None:
+    variables = CliSettings.variables()
+    flagged = set()
+    for path, command in _commands():
+        help_text = CliRunner().invoke(tokenguard, [*path, "--help"], terminal_width=400)
+        assert help_text.exit_code == 0, help_text.output
+        for param in command.params:
+            if not isinstance(param, click.Option):
+                continue
+            limits_own = path == ("limits", "set") and param.name == "warning_ratio"  # the limit's, not a setting
+            if param.name in variables and not limits_own:
+                assert f"[env var: {variables[param.name]}" in (param.help or ""), (path, param.name)
+                assert variables[param.name] in help_text.output, (path, param.name)
+                flagged.add(param.name)
+            else:
+                assert param.name in OPERATION_ARGUMENTS and "env var" not in (param.help or ""), (path, param.name)
+    assert set(variables) - flagged == ENVIRONMENT_ONLY
+
+
+def test_a_missing_command_is_a_usage_error_not_a_page_of_help() -> None:
+    process = subprocess.run([sys.executable, "-m", "aggregator.cli", "limits"], cwd=REPO, capture_output=True,
+                             text=True, timeout=60, check=False, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert process.returncode == EXIT_USAGE and process.stderr.count("\n") == 1 and process.stdout == ""
+    assert process.stderr.startswith("tokenguard limits: Missing command"), process.stderr
+
+
+def test_the_cli_settings_keep_every_components_rules() -> None:
+    settings = CliSettings.read({"KAFKA_SECURITY_PROTOCOL": "ssl", "TOKENGUARD_LOG_LEVEL": "debug"}, partitions=3)
+    assert (settings.security_protocol, settings.log_level, settings.config().topics.partitions) == ("SSL", "DEBUG", 3)
+    assert (settings.connect_timeout_s, settings.verify_wait_s) == (10.0, 60.0)

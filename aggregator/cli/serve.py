@@ -1,0 +1,104 @@
+"""``tokenguard aggregator`` (the service) and ``tokenguard verify`` (its independent check)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import click
+
+from aggregator.cli.contract import EXIT_OK, EXIT_PROBLEM, Command, run
+from aggregator.cli.options import SERVICE_LOG, deployment_options, load, setting
+from aggregator.cli.output import printable
+from aggregator.config import AggregatorConfig
+from aggregator.service import AggregatorService
+from aggregator.verify import verify as recompute
+
+
+def dump_tasks() -> None:
+    """SIGUSR1: print every asyncio task's stack to stderr, to see where a live process waits."""
+    for task in asyncio.all_tasks():
+        print(f"--- {task.get_name()}", file=sys.stderr)
+        task.print_stack(file=sys.stderr)
+
+
+async def serve(config: AggregatorConfig) -> int:
+    """Run until SIGTERM or SIGINT (0) or until the service fails (1)."""
+    service = AggregatorService(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
+    await service.start()
+    log = logging.getLogger("aggregator")
+    log.info("aggregator %s consuming %s", config.aggregator_id, config.topics.usage)
+    runner = asyncio.create_task(service.wait())
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    failed = runner in done and runner.exception() is not None
+    if failed:
+        log.error("aggregator failed: %r", runner.exception())
+    stopper.cancel()
+    await service.stop()
+    log.info("aggregator stopped: %s", service.stats)
+    return EXIT_PROBLEM if failed else EXIT_OK
+
+
+@click.command(cls=Command, short_help="run the aggregator service", epilog="Exit codes: 0 stopped by a signal, 1 failed while running, 2 usage error, "
+               "3 Kafka unreachable at start. SIGUSR1 prints every asyncio task's stack to stderr.")
+@deployment_options(log_default="INFO")
+@setting("partitions", "--partitions", type=int, help="partitions of usage/totals/notices when creating them")
+@setting("default_limit", "--default-limit", type=int, metavar="TOKENS",
+         help="tokens per tenant and period when the limits topic sets none; without it, the limit each event carries")
+@setting("warning_ratio", "--warning-ratio", type=float, help="fraction of the limit that publishes a warning notice")
+@setting("group_instance_id", "--instance-id", metavar="ID",
+         help="static group membership id: a restart takes its partitions back at once")
+@setting("session_timeout_ms", "--session-timeout-ms", type=int, help="how long a silent member keeps its partitions")
+@setting("dedup_window", "--dedup-window", type=int, metavar="EVENTS",
+         help="event ids remembered per partition to drop duplicates")
+@setting("reassert_interval_s", "--reassert-interval", type=float, metavar="SECONDS",
+         help="every not-ok notice is published again this often")
+@setting("metrics_port", "--metrics-port", type=int, metavar="PORT", help="serve /metrics, /healthz and /readyz at this port")
+@setting("metrics_host", "--metrics-host", metavar="ADDRESS", help="the address the metrics endpoint listens on")
+@setting("idempotence", "--idempotence/--no-idempotence",
+         help="idempotent producer; off for Kafka-compatible services without it")
+@click.pass_context
+def aggregator(ctx: click.Context) -> int:
+    """Run the aggregator: consume usage events, keep exact token totals per tenant and period,
+    publish over-quota notices. Several processes with one group share the partitions."""
+    settings, config = load(ctx, log_level="INFO", log_format=SERVICE_LOG, quiet_kafka=False)
+    return run(ctx.command_path, config.connection, settings.connect_timeout_s, lambda: serve(config))
+
+
+async def report(config: AggregatorConfig, wait_s: float) -> int:
+    result = await recompute(config.connection, config.topics, config.group_id, wait_s=wait_s)
+    print(
+        f"usage records read: {result.records}; events counted: {result.events}; "
+        f"tenant-periods: {result.keys}; duplicates dropped: {result.duplicates}; "
+        f"invalid: {result.invalid or 0}; group lag: {result.lag}"
+    )
+    for difference in result.differences:
+        print(f"DIFFERENCE {printable(difference)}")
+    print(f"differences: {len(result.differences)}")
+    if result.lag > 0:
+        print(f"the aggregator group {printable(repr(config.group_id))} is {result.lag} records behind; "
+              "totals are not final")
+        return EXIT_PROBLEM
+    return EXIT_PROBLEM if result.differences else EXIT_OK
+
+
+@click.command(cls=Command, short_help="recompute totals independently and compare, exit 1 on a difference",
+               epilog="Exit codes: 0 no differences; 1 differences (printed), or the group did not "
+               "catch up in time; 2 usage error; 3 Kafka unreachable.")
+@deployment_options()
+@setting("verify_wait_s", "--wait-s", type=float, metavar="SECONDS", help="how long to wait for the group to catch up")
+@click.pass_context
+def verify(ctx: click.Context) -> int:
+    """Recompute totals from the usage topic by an independent code path (same validation, every
+    repeated event id dropped) and compare them with the aggregator's changelog."""
+    settings, config = load(ctx, log_format=SERVICE_LOG)
+    return run(ctx.command_path, config.connection, settings.connect_timeout_s,
+               lambda: report(config, settings.verify_wait_s))
