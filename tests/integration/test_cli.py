@@ -12,27 +12,22 @@ import pytest
 
 from aggregator import AggregatorConfig, AggregatorService
 from producer import ProducerConfig, UsagePublisher
-from tests.helpers import REPO, make_event
+from tests.helpers import REPO, free_port, make_event, run_python
 
 pytestmark = pytest.mark.integration
 
 
 async def tokenguard(config: AggregatorConfig, *args: str, bootstrap: str | None = None) -> tuple[int, str]:
+    """``tokenguard <args>`` for ``config``'s deployment, set by the environment; (exit code, its
+    stdout then its stderr)."""
     env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap or config.connection.bootstrap_servers,
         "TOKENGUARD_TOPIC_PREFIX": config.topics.prefix,
         "TOKENGUARD_PARTITIONS": str(config.topics.partitions),
         "TOKENGUARD_GROUP_ID": config.group_id,
     }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "aggregator.cli", *args, cwd=REPO, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(process.communicate(), 90)
-    assert process.returncode is not None
-    return process.returncode, out.decode()
+    code, out, err = await run_python("-m", "aggregator.cli", *args, env=env, timeout=90)
+    return code, out + err
 
 
 async def test_topics_check_then_create(aggregator_config: AggregatorConfig) -> None:
@@ -151,11 +146,8 @@ async def test_replay_rebuilds_a_corrupted_changelog(producer_config: ProducerCo
 
 async def test_tokenguard_aggregator_runs_with_metrics_and_stops_on_sigterm(aggregator_config: AggregatorConfig) -> None:
     import signal
-    import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENGUARD_TOPIC_PREFIX": aggregator_config.topics.prefix}
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "aggregator.cli", "aggregator", "--bootstrap-servers",
