@@ -55,12 +55,13 @@ async def test_random_sigkills_while_200k_events_for_1000_tenants_flow(
     # A static member id: each restart takes the partitions back at once, no session timeout.
     aggregator = AggregatorProcess(aggregator_config, instance_id="agg-0", env={"TOKENGUARD_DEDUP_WINDOW": "20000"})
     await aggregator.start()
-    kills = 0
+    kills = mid_flow = 0
     async with UsagePublisher(producer_config) as publisher:
         flow = asyncio.create_task(publish_paced(publisher, events, seconds=25))
         try:
             while kills < 10 or not flow.done():
                 await asyncio.sleep(rng.uniform(0.8, 2.5))
+                mid_flow += not flow.done()
                 await aggregator.kill()
                 kills += 1
                 await aggregator.start()
@@ -70,7 +71,7 @@ async def test_random_sigkills_while_200k_events_for_1000_tenants_flow(
         report = await verified(aggregator_config, wait_s=180)
     finally:
         assert await aggregator.terminate() == 0
-    assert kills >= 10
+    assert mid_flow >= 5, f"only {mid_flow} of {kills} SIGKILLs landed while events flowed"
     assert report.events == 200_000
     assert report.keys == len({e.tenant_id for e in events}) >= 1_000
 
@@ -87,10 +88,10 @@ async def test_two_aggregators_one_killed_mid_stream_then_restarted(
         other = AggregatorProcess(config, instance_id=None, env={"TOKENGUARD_SESSION_TIMEOUT_MS": "6000"})
         await other.start()
         await eventually(lambda: local.owned_partitions != partitions, 60, "the group splitting the partitions")
-        shared = local.owned_partitions
         async with UsagePublisher(producer_config) as publisher:
             flow = asyncio.create_task(publish_paced(publisher, events, seconds=12))
             await asyncio.sleep(3)
+            shared, flowing = local.owned_partitions, not flow.done()
             await other.kill()
             # The survivor takes over the dead member's partitions after its session times out.
             await eventually(lambda: local.owned_partitions == partitions, 60, "the survivor owning every partition")
@@ -98,7 +99,8 @@ async def test_two_aggregators_one_killed_mid_stream_then_restarted(
             await flow
         report = await verified(config)
         assert await other.terminate() == 0
-    assert shared != partitions and report.events == 60_000
+    assert shared != partitions and flowing, "the kill must hit a member that owned partitions, mid-stream"
+    assert report.events == 60_000
 
 
 async def test_republished_event_ids_are_counted_once(
@@ -153,7 +155,6 @@ _bad("key is another tenant", "key_mismatch", key=b"globex", value=encode(make_e
 async def test_bad_input_classes_end_in_the_dead_letter_topic_with_a_reason(
     aggregator_config: AggregatorConfig,
 ) -> None:
-    assert len(BAD_RECORDS) >= 12
     layout = aggregator_config.topics
     await ensure_topics(aggregator_config.connection, layout)
     records: list[tuple[bytes | None, bytes | None]] = []

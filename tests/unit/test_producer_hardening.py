@@ -41,8 +41,8 @@ from producer.validation import (
 )
 from schemas import _types
 from schemas.usage import UsageEvent
-from schemas.wire import decode_usage, encode_usage
-from tests.helpers import run_agent
+from schemas.wire import MAX_RECORD_BYTES, decode_usage, encode_usage
+from tests.helpers import call_usage, run_agent
 from tests.hostile_client import HOSTILE_MODELS, HOSTILE_USAGE, Hostile, details
 from transport.follower import TopicFollower
 
@@ -106,7 +106,7 @@ def test_quota_tokens_outside_the_schema_is_refused_at_construction() -> None:
 
 
 def test_instance_id_outside_the_schema_is_refused_by_the_config(tmp_path: Path) -> None:
-    assert ProducerConfig(instance_id="i" * MAX_INSTANCE_CHARS, spool_dir=None).instance_id
+    assert ProducerConfig(instance_id="i" * MAX_INSTANCE_CHARS, spool_dir=None).instance_id == "i" * MAX_INSTANCE_CHARS
     assert len(ProducerConfig(spool_dir=None).instance_id) <= MAX_INSTANCE_CHARS, "the default fits too"
     for bad in ("i" * (MAX_INSTANCE_CHARS + 1), "", "host\x1b[2J"):
         with pytest.raises(ValueError, match="instance_id"):
@@ -119,7 +119,9 @@ def test_instance_id_outside_the_schema_is_refused_by_the_config(tmp_path: Path)
 
 def test_attributes_outside_the_schema_are_refused_by_the_store() -> None:
     config = ProducerConfig(spool_dir=None)
-    assert KafkaQuotaStore(config, attributes={"region": "eu-west", "team": "ä" * MAX_ATTRIBUTE_VALUE_CHARS})
+    accepted = {"region": "eu-west", "team": "ä" * MAX_ATTRIBUTE_VALUE_CHARS}
+    store = KafkaQuotaStore(config, attributes=accepted)
+    assert store.draft(call_usage("acme", 1)).attributes == accepted, "accepted attributes ride on every event"
     for bad in (
         {f"k{i}": "v" for i in range(MAX_ATTRIBUTES + 1)},
         {"k" * (MAX_ATTRIBUTE_KEY_CHARS + 1): "v"},
@@ -140,8 +142,19 @@ def test_attributes_at_every_bound_at_once_still_make_records_the_aggregator_rea
         checked = check_attributes(heavy)
     except ValueError as exc:
         assert "too large" in str(exc)  # refused at construction: a clear error, not a dead letter
-    else:
-        assert checked == heavy
+        return
+    # Accepted: then the largest event a store with them can build is a record the aggregator reads.
+    wide, most = "\U0001d518", MAX_TOKENS_PER_EVENT
+    store = KafkaQuotaStore(ProducerConfig(instance_id=wide * MAX_INSTANCE_CHARS, spool_dir=None), attributes=checked)
+    largest = CallUsage(
+        tenant_id=wide * MAX_TENANT_CHARS, period_key=wide * MAX_PERIOD_CHARS, model=escaped * MAX_MODEL_CHARS,
+        input_tokens=most, output_tokens=most, total_tokens=most, cache_creation_input_tokens=most,
+        cache_read_input_tokens=most, reasoning_output_tokens=most, quota_tokens=MAX_QUOTA_TOKENS, streaming=True,
+        event_time=datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+    )
+    value = encode_usage(store.draft(fit_usage(largest)))
+    assert len(value) <= MAX_RECORD_BYTES
+    assert decode_usage(value).attributes == heavy  # what the aggregator does; raises on a dead letter
 
 
 # --- per call, before the LLM ---------------------------------------------------------------
@@ -309,7 +322,6 @@ async def test_hostile_but_accepted_calls_publish_only_events_the_aggregator_dec
                   for i in range(MAX_ATTRIBUTES)}
     backend = Capturing(KafkaQuotaStore(config, attributes=attributes))
     tenants = [wide * MAX_TENANT_CHARS, "ten ant \"quoted\" \\ back", string.printable.strip()[:90]]
-    admitted = 0
     for index, usage in enumerate(HOSTILE_USAGE):
         for model in HOSTILE_MODELS:
             tenant = tenants[(index + len(str(model))) % len(tenants)]
@@ -319,8 +331,7 @@ async def test_hostile_but_accepted_calls_publish_only_events_the_aggregator_dec
             )
             agent = Agent(Hostile(usage, model))
             await run_agent(agent, "Hello there!", stream=stream, middleware=[guard])
-            admitted += 1
-    assert len(backend.events) == admitted == len(HOSTILE_USAGE) * len(HOSTILE_MODELS)
+    assert len(backend.events) == len(HOSTILE_USAGE) * len(HOSTILE_MODELS), "one event per admitted call"
     for draft in backend.events:
         decoded = decode_usage(encode_usage(draft))  # what the aggregator does; raises on a dead letter
         assert (decoded.input_tokens or 0) + (decoded.output_tokens or 0) <= decoded.total_tokens
