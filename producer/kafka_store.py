@@ -51,6 +51,7 @@ class KafkaQuotaStore:
         self.config = config
         self.snapshot = QuotaSnapshot()
         self.publisher = UsagePublisher(config, on_delivered=self._delivered)
+        self._spool = self.publisher.spool
         self.feed = NoticesFeed(config, self.snapshot)
         self._started = False
         self._valid_keys: set[tuple[str, str]] = set()
@@ -94,7 +95,7 @@ class KafkaQuotaStore:
     def check(self, tenant_id: str, period_key: str, quota_tokens: int) -> Decision:
         if (tenant_id, period_key) not in self._valid_keys:
             self._validate_key(tenant_id, period_key)
-        if self.publisher.spool_full and self.config.spool_full_policy == "block":
+        if self._spool.full and self.config.spool_full_policy == "block":
             raise UsageSpoolFullError(
                 f"Kafka is unreachable and the usage spool is full; call refused so its usage is not lost "
                 f"(spool {self.config.spool_dir})"

@@ -61,9 +61,10 @@ class UsagePublisher:
         self._producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
         self.stats = PublisherStats()
-        # Tenant -> usage partition; the store asks it too (which aggregator judges a tenant).
-        self.partition_of = TenantPartitioner()
-        self._spool: SpoolPolicy | NoSpool = (
+        self.partitioner = TenantPartitioner()  # its count is the usage topic's, known once started
+        # The usage partition a tenant's events go to; the store asks it which aggregator judges a tenant.
+        self.partition_of = self.partitioner.partition
+        self.spool: SpoolPolicy | NoSpool = (
             SpoolPolicy(Spool(config.spool_dir, config.spool_max_bytes), config.spool_full_policy, self.stats)
             if config.spool_dir
             else NoSpool()
@@ -79,12 +80,12 @@ class UsagePublisher:
 
     @property
     def spool_pending(self) -> int:
-        return self._spool.pending
+        return self.spool.pending
 
     @property
     def spool_full(self) -> bool:
         """The spool refused events (policy ``block``: the store refuses new calls meanwhile)."""
-        return self._spool.full
+        return self.spool.full
 
     async def start(self) -> None:
         if self._task is not None:
@@ -96,9 +97,9 @@ class UsagePublisher:
         except BaseException:
             await producer.stop()
             raise
-        self._spool.open()
+        self.spool.open()
         self._producer = producer
-        self.partition_of.partitions = len(partitions)
+        self.partitioner.partitions = len(partitions)
         self._accepting = True
         self._stopping = False
         self._task = asyncio.create_task(self._run(), name="tokenguard-publisher")
@@ -148,13 +149,13 @@ class UsagePublisher:
         leftover = self._in_flight + list(self._queue)
         self._in_flight = []
         self._queue.clear()
-        self._queue.extend(self._spool.spill(leftover))
+        self._queue.extend(self.spool.spill(leftover))
         producer, self._producer = self._producer, None
         if producer is not None:
             await close_within(producer, timeout)
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
-        self._spool.close()
+        self.spool.close()
         if self._queue:
             log.error("usage publisher stopped with %d events neither delivered nor spooled", len(self._queue))
 
@@ -193,10 +194,10 @@ class UsagePublisher:
     async def _run(self) -> None:
         backoff = 0.1
         while True:
-            if self._spool.pending:
+            if self.spool.pending:
                 # Catching up: later events queue behind the spooled ones, in order.
-                self._queue.extendleft(reversed(self._spool.spill(self._drain_queue())))
-                if await self._spool.deliver(self._send_within_timeout, self._config.batch_max):
+                self._queue.extendleft(reversed(self.spool.spill(self._drain_queue())))
+                if await self.spool.deliver(self._send_within_timeout, self._config.batch_max):
                     backoff = 0.1
                     continue
                 if self._stopping:
@@ -219,7 +220,7 @@ class UsagePublisher:
                 backoff = 0.1
                 continue
             self.stats.send_errors += 1
-            refused = self._spool.spill(failed)
+            refused = self.spool.spill(failed)
             self._queue.extendleft(reversed(refused))  # the spool refused them: keep them in memory, in front
             if self._stopping and refused:
                 return

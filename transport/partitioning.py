@@ -42,7 +42,7 @@ class TenantPartitioner:
         self.partitions = partitions
         self._of: dict[str, int] = {}
 
-    def __call__(self, tenant_id: str) -> int:
+    def partition(self, tenant_id: str) -> int:
         partition = self._of.get(tenant_id)
         if partition is None:
             if len(self._of) > 100_000:

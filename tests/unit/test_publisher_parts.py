@@ -57,7 +57,7 @@ def test_partition_for_is_kafkas_default_partitioner(tenant: str, partitions: in
     key = usage_key(tenant)
     kafka = DefaultPartitioner()(key, list(range(partitions)), list(range(partitions)))
     assert partition_for(key, partitions) == kafka
-    assert TenantPartitioner(partitions)(tenant) == kafka
+    assert TenantPartitioner(partitions).partition(tenant) == kafka
 
 
 def test_the_aggregator_judges_routing_with_the_same_function() -> None:
@@ -68,7 +68,7 @@ def test_the_aggregator_judges_routing_with_the_same_function() -> None:
 
 def test_a_partitioner_without_a_partition_count_has_no_answer() -> None:
     with pytest.raises(ZeroDivisionError):
-        TenantPartitioner()("acme")
+        TenantPartitioner().partition("acme")
 
 
 # --- the spool policy ---------------------------------------------------------------------------
