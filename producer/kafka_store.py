@@ -21,7 +21,7 @@ from producer.errors import UsageSpoolFullError
 from producer.notices_feed import NoticesFeed
 from producer.publisher import UsagePublisher
 from producer.snapshot import QuotaSnapshot
-from producer.store import CallUsage, Decision
+from producer.store import CallUsage, Decision, draft_of
 from producer.validation import check_attributes, check_call_keys, fit_usage
 from schemas.wire import UsageDraft, UsageLike
 from transport.admin import ensure_topics
@@ -140,24 +140,7 @@ class KafkaQuotaStore:
 
     def draft(self, usage: CallUsage) -> UsageDraft:
         """The usage event this store publishes for ``usage`` (given as ``record`` has fitted it)."""
-        return UsageDraft(
-            event_id=f"{self._id_prefix}{next(self._sequence):012x}",
-            tenant_id=usage.tenant_id,
-            period_key=usage.period_key,
-            model=usage.model,
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            total_tokens=usage.total_tokens,
-            cache_creation_input_tokens=usage.cache_creation_input_tokens,
-            cache_read_input_tokens=usage.cache_read_input_tokens,
-            reasoning_output_tokens=usage.reasoning_output_tokens,
-            quota_tokens=usage.quota_tokens,
-            event_time=usage.event_time,
-            streaming=usage.streaming,
-            estimated=usage.estimated,
-            instance_id=self.config.instance_id,
-            attributes=self._attributes,
-        )
+        return draft_of(usage, f"{self._id_prefix}{next(self._sequence):012x}", self.config.instance_id, self._attributes)
 
     def _delivered(self, event: UsageLike, partition: int, offset: int) -> None:
         self.snapshot.acknowledged(event.tenant_id, event.period_key, event.total_tokens, partition, offset)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeAlias, runtime_checkable
+
+from schemas.usage import FIXED_FIELDS, USAGE_FIELDS, plain_class
+from schemas.wire import UsageDraft
 
 UsageCallback = Callable[[dict[str, Any]], Any]
 
@@ -46,23 +48,41 @@ class Decision(NamedTuple):
     final: bool = False
 
 
-@dataclass(slots=True)
-class CallUsage:
-    """What one finished call spent, as the middleware read it from the provider's usage details."""
+# What a store adds to what the middleware read: the event's identity and origin, in ``draft_of``'s
+# order. The fixed fields (the schema's version) fill themselves in; every other field of
+# ``UsageEvent`` is the middleware's to fill in.
+STORE_OWN: tuple[str, ...] = ("event_id", "instance_id", "attributes")
+STORE_FIELDS: frozenset[str] = frozenset(STORE_OWN) | FIXED_FIELDS
+CALL_FIELDS: tuple[str, ...] = tuple(name for name in USAGE_FIELDS if name not in STORE_FIELDS)
+if STORE_FIELDS - set(USAGE_FIELDS):
+    raise TypeError(f"not fields of UsageEvent: {sorted(STORE_FIELDS - set(USAGE_FIELDS))}")
 
-    tenant_id: str
-    period_key: str
-    model: str | None
-    input_tokens: int | None
-    output_tokens: int | None
-    total_tokens: int
-    cache_creation_input_tokens: int | None
-    cache_read_input_tokens: int | None
-    reasoning_output_tokens: int | None
-    quota_tokens: int
-    streaming: bool
-    event_time: datetime
-    estimated: bool = False
+_CALL_USAGE_DOC = """What one finished call spent, as the middleware read it from the provider's usage details.
+
+``UsageEvent``'s fields less those a store adds (``STORE_FIELDS``), generated from the model
+(``schemas.usage.plain_class``): keyword arguments, the model's defaults, nothing validated.
+"""
+
+if TYPE_CHECKING:
+    # Generated, so a type checker cannot know its fields; tests/unit/test_usage_type.py does.
+    CallUsage: TypeAlias = Any
+else:
+    CallUsage = plain_class("CallUsage", CALL_FIELDS, module=__name__, doc=_CALL_USAGE_DOC, positional=False)
+
+# A draft's positional arguments are the model's fields but the fixed ones, in the model's order:
+# the store's own values followed by the call's, put in that order by one precomputed getter.
+_DRAFT_ARGS = tuple(name for name in USAGE_FIELDS if name not in FIXED_FIELDS)
+_call_values = operator.attrgetter(*CALL_FIELDS)
+_in_draft_order = operator.itemgetter(*((*STORE_OWN, *CALL_FIELDS).index(name) for name in _DRAFT_ARGS))
+_new_draft: Callable[..., UsageDraft] = UsageDraft
+
+
+def draft_of(usage: CallUsage, event_id: str, instance_id: str, attributes: dict[str, str]) -> UsageDraft:
+    """The usage event for ``usage`` plus a store's own fields, built as a ``UsageDraft``.
+
+    On every call's path: two C-level getters and a positional constructor, no field named here.
+    """
+    return _new_draft(*_in_draft_order((event_id, instance_id, attributes, *_call_values(usage))))
 
 
 @runtime_checkable

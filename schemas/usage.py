@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import dataclasses
+import typing
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,3 +44,47 @@ class UsageEvent(BaseModel):
     estimated: bool = False
     instance_id: ShortText
     attributes: Annotated[dict[AttributeKey, AttributeValue], Field(max_length=32)] = Field(default_factory=dict)
+
+
+# --- the forms derived from it -------------------------------------------------------------------
+# The fields above are the only declaration. The hot path cannot afford a pydantic model per call,
+# so it carries plain slots dataclasses generated from them, once, at import:
+# ``schemas.wire.UsageDraft`` (every field: what the publisher encodes) and
+# ``producer.store.CallUsage`` (the fields the middleware reads from the provider).
+
+USAGE_FIELDS: tuple[str, ...] = tuple(UsageEvent.model_fields)
+
+# A field with one allowed value is never passed: a generated class fills it in.
+FIXED_FIELDS: frozenset[str] = frozenset({"schema_version"})
+
+
+def plain_class(
+    name: str, fields: Sequence[str], *, module: str, doc: str, positional: bool, model: type[BaseModel] = UsageEvent
+) -> type:
+    """A slots dataclass with ``fields`` of ``model``: same names, order and annotations, nothing
+    validated (whoever builds one is trusted, and the aggregator validates every event).
+
+    ``positional``: every field required and positional in the model's order, so a hot path can
+    build one from a tuple; the fixed fields keyword-only with their value. Otherwise every field
+    keyword-only with the model's default, as a caller that leaves a field out would get from the
+    model itself.
+    """
+    unknown = [field for field in fields if field not in model.model_fields]
+    if unknown:
+        raise ValueError(f"not fields of {model.__name__}: {unknown}")
+    types = typing.get_type_hints(model)  # without the constraints: they are not checked here
+    spec: list[tuple[str, Any, Any]] = []
+    for field_name in fields:
+        info = model.model_fields[field_name]
+        if positional and field_name not in FIXED_FIELDS:
+            default: Any = dataclasses.field()
+        elif info.is_required():
+            default = dataclasses.field(kw_only=True)
+        elif info.default_factory is not None:
+            default = dataclasses.field(default_factory=info.default_factory, kw_only=True)  # type: ignore[arg-type]
+        else:
+            default = dataclasses.field(default=info.default, kw_only=True)
+        spec.append((field_name, types[field_name], default))
+    cls = dataclasses.make_dataclass(name, spec, slots=True)
+    cls.__module__, cls.__qualname__, cls.__doc__ = module, name, doc
+    return cls

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import json
 import operator
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import orjson
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -19,7 +18,7 @@ from schemas.errors import DecodeError
 from schemas.limits import QuotaLimit
 from schemas.notices import NOTICE_MESSAGE, Heartbeat, QuotaNotice
 from schemas.totals import TotalsRecord
-from schemas.usage import USAGE_SCHEMA_VERSION, UsageEvent
+from schemas.usage import USAGE_FIELDS, UsageEvent, plain_class
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -55,8 +54,7 @@ _TOTALS = TypeAdapter(TotalsRecord)
 _LIMIT = TypeAdapter(QuotaLimit)
 
 
-_USAGE_FIELDS = tuple(UsageEvent.model_fields)
-_usage_values = operator.attrgetter(*_USAGE_FIELDS)
+_usage_values = operator.attrgetter(*USAGE_FIELDS)
 
 
 class UsageLike(Protocol):
@@ -77,44 +75,30 @@ class UsageLike(Protocol):
     def event_time(self) -> datetime: ...
 
 
-@dataclass(slots=True)
-class UsageDraft:
-    """A usage event as the middleware's hot path builds it: ``UsageEvent``'s fields, unvalidated.
+_DRAFT_DOC = """A usage event as the middleware's hot path builds it: ``UsageEvent``'s fields, unvalidated.
 
-    Building the pydantic model costs more than the rest of the middleware's per-call work; the
-    values come from our own code, and the aggregator validates every event again, so a bug there
-    would become a dead letter, not a wrong total. A test keeps the fields equal to the model's.
-    """
+Generated from the model's fields (``schemas.usage.plain_class``): positional in the model's
+order, the schema version filled in. Building the pydantic model costs more than the rest of the
+middleware's per-call work; the values come from our own code, and the aggregator validates every
+event again, so a bug there would become a dead letter, not a wrong total.
+"""
 
-    event_id: str
-    tenant_id: str
-    period_key: str
-    model: str | None
-    input_tokens: int | None
-    output_tokens: int | None
-    total_tokens: int
-    cache_creation_input_tokens: int | None
-    cache_read_input_tokens: int | None
-    reasoning_output_tokens: int | None
-    quota_tokens: int
-    event_time: datetime
-    streaming: bool
-    estimated: bool
-    instance_id: str
-    attributes: dict[str, str]
-    schema_version: int = USAGE_SCHEMA_VERSION
+if TYPE_CHECKING:
+    UsageDraft = UsageEvent  # what a type checker sees: the same fields, the same types
+else:
+    UsageDraft = plain_class("UsageDraft", USAGE_FIELDS, module=__name__, doc=_DRAFT_DOC, positional=True)
 
 
 def encode_usage(event: UsageLike) -> bytes:
     """The usage event's JSON, from a ``UsageDraft`` or a ``UsageEvent``.
 
     The publisher's fast path: orjson serialises the draft dataclass directly, no model built.
-    It writes the same fields as ``encode(UsageEvent(...))`` (a test holds the two to the same
-    decoded value), so every consumer decodes it with ``decode_usage``.
+    It writes the same bytes as ``encode(UsageEvent(...))`` (tests/unit/test_usage_type.py holds
+    the two together), so every consumer decodes it with ``decode_usage``.
     """
     if type(event) is UsageDraft:
         return orjson.dumps(event, option=orjson.OPT_UTC_Z)
-    return orjson.dumps(dict(zip(_USAGE_FIELDS, _usage_values(event), strict=True)), option=orjson.OPT_UTC_Z)
+    return orjson.dumps(dict(zip(USAGE_FIELDS, _usage_values(event), strict=True)), option=orjson.OPT_UTC_Z)
 
 
 def encode_fields(fields: dict[str, Any]) -> bytes:
