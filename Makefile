@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-unit lint bench kafka-up kafka-down kafka-fetch schemas clean
+.PHONY: install demo test test-fast test-unit lint bench kafka-up kafka-down kafka-fetch schemas clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ demo: install kafka-fetch
 ## Unit and integration tests. The fixture uses KAFKA_BOOTSTRAP_SERVERS, else starts (and stops) the local broker.
 test: install kafka-fetch lint
 	$(PY) -m pytest
+
+## The quick loop: every test but those marked slow (rebalances, SIGKILL loops, the outage, TLS/SASL and ACL
+## brokers of their own, the hostile table); same install and broker as `make test`, which runs everything.
+test-fast: install kafka-fetch
+	$(PY) -m pytest -m "not slow"
 
 ## ruff and mypy, as CI runs them.
 lint: install

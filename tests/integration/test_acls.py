@@ -38,7 +38,7 @@ from tests.helpers import call_usage, eventually, free_port, run_python
 from transport.admin import close_consumer, start_consumer
 from transport.reading import read_ranges
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(120)]
 
 USERS = {name: f"{name}-pw-{uuid.uuid4().hex[:8]}" for name in ("admin", "agent", "aggregator", "operator")}
 PRINCIPALS = Principals(agent="User:agent", aggregator="User:aggregator", operator="User:operator")

@@ -45,6 +45,7 @@ async def publish_paced(publisher: UsagePublisher, events: list[UsageEvent], sec
     await publisher.flush(timeout=60)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 async def test_random_sigkills_while_200k_events_for_1000_tenants_flow(
     producer_config: ProducerConfig, aggregator_config: AggregatorConfig
@@ -76,6 +77,7 @@ async def test_random_sigkills_while_200k_events_for_1000_tenants_flow(
     assert report.keys == len({e.tenant_id for e in events}) >= 1_000
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 async def test_two_aggregators_one_killed_mid_stream_then_restarted(
     producer_config: ProducerConfig, aggregator_config: AggregatorConfig

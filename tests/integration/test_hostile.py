@@ -424,7 +424,7 @@ def interleave(cases: list[Planned], rng: random.Random, tenants: list[str]) -> 
     return out
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.slow
 async def test_table_of_hostile_usage_records_across_a_restart(
     connection, layout: TopicLayout, aggregator_config: AggregatorConfig
 ) -> None:  # type: ignore[no-untyped-def]

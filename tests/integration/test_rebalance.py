@@ -37,7 +37,7 @@ from schemas.wire import encode_usage, usage_headers, usage_key
 from tests.helpers import AggregatorProcess, eventually, make_event
 from transport.connection import KafkaConnection
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PARTITIONS = 6
 # The broker's smallest session timeout: a dead dynamic member, or a stopped static one, holds its

@@ -90,6 +90,7 @@ async def test_staleness_policies_when_the_aggregator_stops(
             await store.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 async def test_broker_down_30s_while_the_fleet_calls_loses_no_usage(tmp_path: Path) -> None:
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):

@@ -20,7 +20,7 @@ from producer import KafkaConnection, KafkaQuotaStore, ProducerConfig
 from schemas.topics import TopicLayout
 from tests.helpers import call_usage, eventually, free_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # each test starts a broker of its own
 
 
 def openssl(*args: str, cwd: Path) -> None:
