@@ -51,7 +51,6 @@ async def test_100_concurrent_calls_with_headroom_for_10_admit_at_most_10(
     assert 0 < admitted <= 10
 
 
-@pytest.mark.timeout(120)
 async def test_staleness_policies_when_the_aggregator_stops(
     producer_config: ProducerConfig, aggregator_config: AggregatorConfig, tmp_path: Path
 ) -> None:
@@ -91,7 +90,7 @@ async def test_staleness_policies_when_the_aggregator_stops(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(240)  # two broker starts (each bounded at 90 s) around a 30 s outage
 async def test_broker_down_30s_while_the_fleet_calls_loses_no_usage(tmp_path: Path) -> None:
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         pytest.skip("stops and restarts its own broker: needs the local launcher, not an external cluster")

@@ -51,7 +51,7 @@ async def refused(attempt: Coroutine[Any, Any, object], why: str, caplog: pytest
     assert why in caplog.text, caplog.text
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(180)  # a broker of its own: its start alone is bounded at 90 s
 async def test_publisher_feed_aggregator_and_admin_over_tls(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         pytest.skip("adds a TLS listener to its own broker: needs the local launcher")
