@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import hashlib
 import itertools
 import json
 import random
 import time
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -206,24 +204,21 @@ async def shutdown(aggregator: AggregatorService) -> None:
 async def try_start(config: AggregatorConfig) -> tuple[AggregatorService | None, str | None]:
     """(a started aggregator that has its partitions, None) or (None, why not).
 
-    ``AggregatorService.start()`` does not close the group consumer it created when a later step
-    fails; it is collected here with its ResourceWarning silenced, not in some later test."""
+    A ``start()`` that fails closes what it opened; a consume loop that dies after it is closed
+    here by ``shutdown()``, so a failing test does not leak clients into the next one."""
     aggregator = AggregatorService(config)
     error = None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        try:
-            await asyncio.wait_for(aggregator.start(), 30)
-            await eventually(lambda: aggregator.assigned.is_set() or not aggregator.running, 20, "assignment or death")
-            if not aggregator.assigned.is_set():
-                task = aggregator._task
-                died = task.exception() if task is not None and task.done() else None
-                error = f"the consume loop ended before its partitions were restored: {died!r}"
-        except Exception as exc:
-            error = f"start() raised {type(exc).__name__}: {exc}"
-        if error is not None:
-            await shutdown(aggregator)
-            gc.collect()
+    try:
+        await asyncio.wait_for(aggregator.start(), 30)
+        await eventually(lambda: aggregator.assigned.is_set() or not aggregator.running, 20, "assignment or death")
+        if not aggregator.assigned.is_set():
+            task = aggregator._task
+            died = task.exception() if task is not None and task.done() else None
+            error = f"the consume loop ended before its partitions were restored: {died!r}"
+    except Exception as exc:
+        error = f"start() raised {type(exc).__name__}: {exc}"
+    if error is not None:
+        await shutdown(aggregator)
     return (None, error) if error is not None else (aggregator, None)
 
 
