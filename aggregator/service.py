@@ -174,25 +174,32 @@ class AggregatorService:
             await self.metrics.start()
 
     async def stop(self) -> None:
-        """Finish the batch in hand, leave the group, close. Idempotent."""
+        """Finish the batch in hand, leave the group, close everything. Idempotent.
+
+        Closes everything even when the consume loop has failed; the failure is logged here and
+        raised by ``wait()``, never by ``stop()`` (which cleanup paths call)."""
         task, self._task = self._task, None
         if task is None:
             return
         self._stopping = True
-        if self.metrics is not None:
-            await self.metrics.stop()
-        if not task.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self._watch.stop()
-        await self._limits_feed.stop()
-        consumer, self._consumer = self._consumer, None
-        producer, self._producer = self._producer, None
-        self._checkpoint = None
-        if consumer is not None:
-            await close_consumer(consumer)
-        if producer is not None:
-            await producer.stop()
+        try:
+            if self.metrics is not None:
+                await self.metrics.stop()
+            if not task.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({task})
+            if not task.cancelled() and task.exception() is not None:
+                log.error("the consume loop had failed: %r", task.exception())
+        finally:
+            await self._watch.stop()
+            await self._limits_feed.stop()
+            consumer, self._consumer = self._consumer, None
+            producer, self._producer = self._producer, None
+            self._checkpoint = None
+            if consumer is not None:
+                await close_consumer(consumer)
+            if producer is not None:
+                await producer.stop()
 
     async def __aenter__(self) -> AggregatorService:
         await self.start()
