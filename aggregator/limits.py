@@ -11,7 +11,6 @@ are applied as if it were not there.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -22,39 +21,17 @@ from aggregator.config import AggregatorConfig
 from aggregator.state import Limits
 from schemas.errors import DecodeError
 from schemas.limits import QuotaLimit
+from schemas.rules import MAX_LIMIT_KEY_BYTES, read_limit_record, tenant_of_limit_key
 from schemas.topics import TopicLayout
-from schemas.wire import decode_limit, encode, limit_key
+from schemas.wire import encode, limit_key
 from transport.connection import KafkaConnection
 from transport.follower import TopicFollower
 
 log = logging.getLogger(__name__)
 
+__all__ = ["MAX_LIMIT_KEY_BYTES", "LimitsFeed", "delete_limit", "tenant_of_limit_key", "write_limit"]
+
 OnChange = Callable[[str | None], Awaitable[None]]
-
-
-# A limits key is ["default"] or ["tenant", <id of at most 256 characters>]: JSON of this size is
-# far more than any such key takes, and bounds what parsing a hostile key can cost.
-MAX_LIMIT_KEY_BYTES = 4096
-
-
-def tenant_of_limit_key(key: bytes | None) -> tuple[bool, str | None]:
-    """(valid, tenant id or None for the default) from a limits record key.
-
-    Never raises: a key of deeply nested JSON (``[[[[...]]]]``) would make ``json.loads`` raise
-    ``RecursionError``, which once killed the limits follower; it is refused by its size or its
-    first bytes before it is parsed, and by the except clause if it still gets there.
-    """
-    if not key or len(key) > MAX_LIMIT_KEY_BYTES or not key.startswith(b'["'):
-        return False, None
-    try:
-        parts = json.loads(key)
-    except (ValueError, RecursionError):
-        return False, None
-    if parts == ["default"]:
-        return True, None
-    if isinstance(parts, list) and len(parts) == 2 and parts[0] == "tenant" and isinstance(parts[1], str):
-        return True, parts[1]
-    return False, None
 
 
 class LimitsFeed:
@@ -100,20 +77,14 @@ class LimitsFeed:
 
     def _take(self, record: ConsumerRecord) -> tuple[bool, str | None]:
         """Apply one limits record; (applied, tenant id or None for the default)."""
-        valid, tenant_id = tenant_of_limit_key(record.key)
-        if not valid:
-            shown = repr(record.key[:60]) if record.key is not None else "None"
-            return self._skip(record, "invalid_key", f"key {shown} ({len(record.key or b'')} bytes)")
-        if record.value is None:
-            self._limits.delete(tenant_id)
-            return True, tenant_id
         try:
-            limit = decode_limit(record.value)
+            tenant_id, limit = read_limit_record(record.key, record.value)
         except DecodeError as exc:
-            return self._skip(record, exc.reason, f"for {tenant_id!r:.80}: {exc.detail}")
-        if limit.tenant_id != tenant_id:
-            return self._skip(record, "key_value_mismatch", f"key names {tenant_id!r:.80}, value {limit.tenant_id!r:.80}")
-        self._limits.set(limit)
+            return self._skip(record, exc.reason, exc.detail)
+        if limit is None:
+            self._limits.delete(tenant_id)
+        else:
+            self._limits.set(limit)
         return True, tenant_id
 
     def _skip(self, record: ConsumerRecord, reason: str, detail: str) -> tuple[bool, None]:

@@ -17,7 +17,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aggregator.config import AggregatorConfig
 from aggregator.errors import AggregatorError
 from aggregator.limits import LimitsFeed
-from aggregator.state import Limits, Totals, TotalsState, classify
+from aggregator.state import Limits, Totals, TotalsState, classify, lowest_quota
 from aggregator.verify import Recompute
 from schemas.wire import encode_fields, tenant_period_key
 from transport.admin import close_consumer, start_consumer, topic_partitions
@@ -53,7 +53,8 @@ async def replay(config: AggregatorConfig, *, since: datetime | None = None) -> 
                 recompute.forget(event)
                 continue
             partition_of[(event.tenant_id, event.period_key)] = record.partition
-            quota_of[(event.tenant_id, event.period_key)] = event.quota_tokens
+            key = (event.tenant_id, event.period_key)
+            quota_of[key] = lowest_quota(quota_of.get(key), event.quota_tokens)  # as the aggregator keeps it
     limits = Limits(config.default_limit, warning_ratio=config.warning_ratio)
     # The limits the aggregator would judge by: the rebuilt states must be the ones it would hold.
     feed = LimitsFeed(config, limits, on_change=_ignore_change)

@@ -18,7 +18,7 @@ from aggregator.dedup import DedupWindow
 from aggregator.intake import fingerprint, identity
 from schemas.limits import QuotaLimit
 from schemas.notices import QuotaState
-from schemas.periods import period_kind
+from schemas.rules import applicable
 from schemas.totals import TotalsRecord
 from schemas.usage import UsageEvent
 
@@ -43,6 +43,14 @@ class Totals:
     event_quota: int | None = None
 
 
+def lowest_quota(held: int | None, carried: int) -> int:
+    """The quota a tenant-period's events say, after one more carrying ``carried``: the smallest
+    seen. Monotone: an event can lower it, never raise it, so one event with a huge quota cannot
+    turn an exceeded tenant back to 'ok' (the limit used when no limits record or configured
+    default applies)."""
+    return carried if held is None or carried < held else held
+
+
 def classify(used: int, limit: int, warning_ratio: float) -> QuotaState:
     if used >= limit:
         return "exceeded"
@@ -52,8 +60,10 @@ def classify(used: int, limit: int, warning_ratio: float) -> QuotaState:
 
 
 class Limits:
-    """Which limit applies: the tenant's own (limits topic), else the topic's default record, else
-    the aggregator's configured default, else the quota the event carried from its middleware."""
+    """Which limit applies: the tenant's own (limits topic), else the topic's default record (the
+    precedence the middleware shares, ``schemas.rules.applicable``), else the aggregator's
+    configured default, else the smallest quota the tenant-period's events carried from their
+    middleware (so no event can raise a limit)."""
 
     def __init__(self, default_limit: int | None = None, *, warning_ratio: float = 0.8) -> None:
         self.default_limit = default_limit
@@ -74,10 +84,11 @@ class Limits:
             self.per_tenant.pop(tenant_id, None)
 
     def rule(self, tenant_id: str, period_key: str, event_quota: int | None) -> tuple[int, float]:
-        """(limit, warning ratio) for one tenant-period."""
-        for record in (self.per_tenant.get(tenant_id), self.topic_default):
-            if record is not None and record.period in ("any", period_kind(period_key)):
-                return record.limit_tokens, record.warning_ratio or self.warning_ratio
+        """(limit, warning ratio) for one tenant-period; ``event_quota`` is the smallest quota its
+        events carried (``Totals.event_quota``)."""
+        record = applicable(self.per_tenant.get(tenant_id), self.topic_default, period_key)
+        if record is not None:
+            return record.limit_tokens, record.warning_ratio or self.warning_ratio
         if self.default_limit is not None:
             return self.default_limit, self.warning_ratio
         return (event_quota if event_quota is not None else 0), self.warning_ratio
@@ -138,7 +149,7 @@ class TotalsState:
         totals.used += event.total_tokens
         totals.events += 1
         totals.applied_offset = offset
-        totals.event_quota = event.quota_tokens
+        totals.event_quota = lowest_quota(totals.event_quota, event.quota_tokens)
         self._dirty.add(key)
         self._evaluate(key, totals, "state_changed")
         return Outcome.APPLIED

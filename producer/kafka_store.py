@@ -11,13 +11,16 @@ Decisions come from the local snapshot (no network per call); each finished call
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import secrets
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from producer.config import ProducerConfig
 from producer.errors import UsageSpoolFullError
+from producer.limits_feed import LimitsFeed, LimitsTable
 from producer.notices_feed import NoticesFeed
 from producer.publisher import UsagePublisher
 from producer.snapshot import QuotaSnapshot
@@ -36,7 +39,11 @@ class StoreStats:
 
 
 class KafkaQuotaStore:
-    """Publisher + notices feed + snapshot, with one lifecycle. Implements ``QuotaBackend``.
+    """Publisher + notices feed + limits feed + snapshot, with one lifecycle. Implements ``QuotaBackend``.
+
+    A tenant-period without a notice is judged by the tenant's limit on the limits topic (read to
+    its end at start, then followed; ``limits.table``), and by the middleware's ``quota_tokens``
+    only when no limits record applies.
 
     Args:
         config: Connection, topics, instance id (checked against the usage schema by the config).
@@ -49,7 +56,8 @@ class KafkaQuotaStore:
     def __init__(self, config: ProducerConfig, *, attributes: dict[str, str] | None = None) -> None:
         self._attributes = check_attributes(attributes)
         self.config = config
-        self.snapshot = QuotaSnapshot()
+        self.limits = LimitsFeed(config, LimitsTable())
+        self.snapshot = QuotaSnapshot(self.limits.table)
         self.publisher = UsagePublisher(config, on_delivered=self._delivered)
         self._spool = self.publisher.spool
         self.feed = NoticesFeed(config, self.snapshot)
@@ -71,8 +79,11 @@ class KafkaQuotaStore:
             await ensure_topics(self.config.connection, self.config.topics)
         await self.publisher.start()
         try:
-            await self.feed.start()
+            # Both compacted topics are read to their ends before the first decision, together.
+            await _start_all(self.limits.start(), self.feed.start())
         except BaseException:
+            await self.limits.stop()
+            await self.feed.stop()
             await self.publisher.stop()
             raise
         self._started = True
@@ -84,6 +95,7 @@ class KafkaQuotaStore:
         self._started = False
         await self.publisher.stop()
         await self.feed.stop()
+        await self.limits.stop()
 
     async def __aenter__(self) -> KafkaQuotaStore:
         await self.start()
@@ -144,3 +156,10 @@ class KafkaQuotaStore:
 
     def _delivered(self, event: UsageLike, partition: int, offset: int) -> None:
         self.snapshot.acknowledged(event.tenant_id, event.period_key, event.total_tokens, partition, offset)
+
+
+async def _start_all(*starts: Awaitable[None]) -> None:
+    """Run ``starts`` together; raise the first one's error (as itself, not in a group) once all ended."""
+    for outcome in await asyncio.gather(*starts, return_exceptions=True):
+        if isinstance(outcome, BaseException):
+            raise outcome

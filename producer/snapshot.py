@@ -5,6 +5,10 @@ notice does not include yet: events not yet acknowledged by Kafka, and events ac
 offset above the one the notice covers. A call is blocked when the notice says ``exceeded`` or when
 ``notice.used + local spend >= limit``: one instance stops itself as soon as its own view crosses,
 and the aggregator's notice stops all the others. Pure logic, no I/O.
+
+The limit is the notice's when there is one. Without a notice (the aggregator sends none while a
+tenant is 'ok'), it is the tenant's limit from the limits topic (``limits``, a table the limits
+feed keeps current), and only when no limits record applies the middleware's own ``quota_tokens``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Protocol
 
 from producer.store import Decision
 from schemas.notices import Heartbeat, QuotaNotice
@@ -33,6 +38,14 @@ def from_the_future(emitted_at: datetime, now: float, max_clock_skew_s: float) -
     can disagree. Staleness is measured from ``emitted_at``, so one dated 9999 would keep its
     partition fresh for ever, and notices rank by it among equal offsets."""
     return emitted_at.timestamp() - now > max_clock_skew_s
+
+
+class LimitLookup(Protocol):
+    """Where the snapshot finds a tenant's limit when it holds no notice (``LimitsTable``)."""
+
+    def limit_for(self, tenant_id: str, period_key: str) -> int | None:
+        """The limit that governs this tenant-period; None when no limits record applies."""
+        ...
 
 
 @dataclass(slots=True)
@@ -68,7 +81,8 @@ class PartitionHealth:
 class QuotaSnapshot:
     """Notices plus local spend, per tenant-period. Not thread-safe: one event loop owns it."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: LimitLookup | None = None) -> None:
+        self.limits = limits
         self._entries: dict[tuple[str, str], _Entry] = {}
         self._health: dict[int, PartitionHealth] = {}
         self.notices_applied = 0
@@ -81,16 +95,28 @@ class QuotaSnapshot:
         return entry
 
     def decide(self, tenant_id: str, period_key: str, default_limit: int) -> Decision:
+        """Whether a call may go ahead. ``default_limit`` (the middleware's ``quota_tokens``) is
+        the limit only when there is neither a notice nor a limits record for the tenant-period."""
         entry = self._entries.get((tenant_id, period_key))
         if entry is None:
-            return Decision(allowed=default_limit > 0, used=0, limit=default_limit)
+            limit = self.limit_for(tenant_id, period_key, default_limit)
+            return Decision(allowed=limit > 0, used=0, limit=limit)
         notice = entry.notice
         if notice is None:
+            limit = self.limit_for(tenant_id, period_key, default_limit)
             used = entry.local()
-            return Decision(allowed=used < default_limit, used=used, limit=default_limit)
+            return Decision(allowed=used < limit, used=used, limit=limit)
         used = notice.used_tokens + entry.local()
         limit = notice.limit_tokens
         return Decision(allowed=notice.state != "exceeded" and used < limit, used=used, limit=limit)
+
+    def limit_for(self, tenant_id: str, period_key: str, default_limit: int) -> int:
+        """The limit without a notice: the limits record's, else ``default_limit``."""
+        limits = self.limits
+        if limits is None:
+            return default_limit
+        limit = limits.limit_for(tenant_id, period_key)
+        return default_limit if limit is None else limit
 
     def used(self, tenant_id: str, period_key: str) -> int:
         entry = self._entries.get((tenant_id, period_key))
@@ -130,7 +156,8 @@ class QuotaSnapshot:
 
     def forget_notice(self, tenant_id: str, period_key: str) -> None:
         """The notice of a tenant-period was removed (a tombstone): the aggregator holds no usage
-        for it, so decisions fall back to the default limit and this process's own spend."""
+        for it, so decisions fall back to the limits table (else the middleware's default limit) and
+        this process's own spend."""
         entry = self._entries.get((tenant_id, period_key))
         if entry is not None:
             entry.notice = None
