@@ -41,8 +41,13 @@ class TokenGuardMiddleware(ChatMiddleware):
     Args:
         quota_store: A seed-style ``QuotaStore`` (``get_usage``/``add_usage``) or a ``QuotaBackend``
             such as ``KafkaQuotaStore``.
-        quota_tokens: Tokens allowed per tenant and period, unless the limits topic sets another.
-            Within the usage schema's bound (``ValueError`` / ``TypeError`` otherwise).
+        quota_tokens: Tokens allowed per tenant and period, unless the limits topic sets another:
+            a ``KafkaQuotaStore`` follows that topic, so a tenant's own limit (above or below this)
+            governs from its first call, and this one only when no limits record applies. The
+            governing limit (``Decision.limit``) is what in-flight reservations, ``max_tokens``
+            clamping and the warning are judged against. Carried in every usage event as the
+            middleware's quota. Within the usage schema's bound (``ValueError`` / ``TypeError``
+            otherwise).
         on_usage: Called after every call with the seed's usage record (plus ``estimated``). Optional
             when ``quota_store`` is a ``KafkaQuotaStore``, which publishes every call itself.
         user_id_getter: Maps a ``ChatContext`` to the tenant whose quota the call spends.
