@@ -20,9 +20,9 @@ from producer import KafkaQuotaStore, ProducerConfig, QuotaExceededError, TokenG
 from producer.periods import day_key, month_key
 from producer.scripted import ScriptedChatClient
 from schemas.limits import QuotaLimit
+from tests.helpers import admitted_of, run_agent, run_python, running_aggregator
 from transport.admin import ensure_topics
 from transport.connection import KafkaConnection
-from tests.helpers import admitted_of, run_agent, run_python, running_aggregator
 
 pytestmark = pytest.mark.integration
 
