@@ -20,7 +20,8 @@ from producer import KafkaQuotaStore, ProducerConfig, QuotaExceededError, TokenG
 from producer.periods import day_key, month_key
 from producer.scripted import ScriptedChatClient
 from schemas.limits import QuotaLimit
-from tests.helpers import admitted_of, run_agent, run_python, running_aggregator
+from schemas.wire import encode, limit_key
+from tests.helpers import admitted_of, run_agent, run_python, running_aggregator, send_raw
 from transport.admin import ensure_topics
 from transport.connection import KafkaConnection
 
@@ -160,3 +161,20 @@ async def test_a_day_limit_applies_only_to_day_keys(producer_config: ProducerCon
         by_month = Guarded(store, "daily", period_key_fn=month_key)
         assert DEFAULT <= await by_month.spend_until_refused(agent) < 2 * DEFAULT
         assert by_month.alerts[-1]["quota_tokens"] == DEFAULT
+
+
+async def test_records_that_are_not_limits_are_skipped_and_counted(producer_config: ProducerConfig) -> None:
+    """Anyone who can write the topic can write anything to it: the instance skips what is not a
+    limit of ours, exactly as the aggregator's feed does, and applies the records around it."""
+    await topics(producer_config)
+    forged = QuotaLimit(tenant_id="victim", limit_tokens=0, updated_at=datetime.now(UTC))
+    await send_raw(producer_config.connection, producer_config.topics.limits, [
+        (b"[" * 10_000, encode(forged)),  # not a limits key
+        (limit_key("other"), encode(forged)),  # the key names another tenant
+        (limit_key("victim"), b"\x00garbage"),  # not a limit
+    ])
+    await set_limit(producer_config, "victim", 2_000)
+    async with KafkaQuotaStore(local_only(producer_config)) as store:
+        assert store.limits.invalid == 3 and store.limits.failed is None
+        assert store.limits.table.limit_for("victim", month_key()) == 2_000
+        assert store.limits.table.limit_for("other", month_key()) is None
