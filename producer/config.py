@@ -11,12 +11,12 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
+from producer.snapshot import STALE_POLICIES, StalePolicy
 from producer.validation import MAX_INSTANCE_CHARS, check_instance_id
 from schemas.topics import TopicLayout
 from transport.connection import DeploymentSettings, KafkaConnection
 
 SpoolFullPolicy = Literal["block", "drop_oldest"]
-StalePolicy = Literal["fail_open", "fail_closed", "local_only"]
 
 
 def default_instance_id() -> str:
@@ -57,10 +57,12 @@ class ProducerConfig:
     # spool; "drop_oldest" deletes the oldest spooled events, counted and logged as errors.
     spool_full_policy: SpoolFullPolicy = "block"
     # No heartbeat from a tenant's aggregator for this long makes its quota state stale; then
-    # "fail_open" admits every call (counted), "fail_closed" refuses every call, and
-    # "local_only" goes on judging with the last known totals plus this process's own spend.
+    # "keep_known" (default; "local_only" is the same policy under its former name) goes on judging
+    # with the last known totals plus this process's own spend, so a tenant known to be over stays
+    # refused; "fail_open" admits every call (counted), "fail_closed" refuses every call.
+    # See ``producer.snapshot.judge_stale``.
     stale_after_s: float = 15.0
-    stale_policy: StalePolicy = "fail_open"
+    stale_policy: StalePolicy = "keep_known"
     # A heartbeat or notice dated further ahead of this process's clock than this is ignored
     # (counted): one dated 9999 would otherwise keep its partition looking fresh for ever.
     max_clock_skew_s: float = 60.0
@@ -69,8 +71,8 @@ class ProducerConfig:
         check_instance_id(self.instance_id)  # in every usage event: one the aggregator would refuse loses them all
         if self.spool_full_policy not in ("block", "drop_oldest"):
             raise ValueError(f"spool_full_policy must be 'block' or 'drop_oldest', got {self.spool_full_policy!r}")
-        if self.stale_policy not in ("fail_open", "fail_closed", "local_only"):
-            raise ValueError(f"stale_policy must be fail_open, fail_closed or local_only, got {self.stale_policy!r}")
+        if self.stale_policy not in STALE_POLICIES:
+            raise ValueError(f"stale_policy must be one of {', '.join(STALE_POLICIES)}, got {self.stale_policy!r}")
         if self.send_timeout_s <= 0 or self.stale_after_s <= 0 or not self.max_clock_skew_s > 0:
             raise ValueError("send_timeout_s, stale_after_s and max_clock_skew_s must be positive")
 
@@ -97,7 +99,7 @@ class ProducerSettings(DeploymentSettings):
     spool_max_bytes: int = Field(ProducerConfig.spool_max_bytes, gt=0, validation_alias="TOKENGUARD_SPOOL_MAX_BYTES")
     spool_full_policy: SpoolFullPolicy = Field("block", validation_alias="TOKENGUARD_SPOOL_FULL_POLICY")
     stale_after_s: float = Field(ProducerConfig.stale_after_s, gt=0, validation_alias="TOKENGUARD_STALE_AFTER_S")
-    stale_policy: StalePolicy = Field("fail_open", validation_alias="TOKENGUARD_STALE_POLICY")
+    stale_policy: StalePolicy = Field(ProducerConfig.stale_policy, validation_alias="TOKENGUARD_STALE_POLICY")
     max_clock_skew_s: float = Field(ProducerConfig.max_clock_skew_s, gt=0, validation_alias="TOKENGUARD_MAX_CLOCK_SKEW_S")
 
     @field_validator("instance_id")

@@ -23,7 +23,7 @@ from producer.errors import UsageSpoolFullError
 from producer.limits_feed import LimitsFeed, LimitsTable
 from producer.notices_feed import NoticesFeed
 from producer.publisher import UsagePublisher
-from producer.snapshot import QuotaSnapshot
+from producer.snapshot import STALE_REASON, QuotaSnapshot, judge_stale
 from producer.store import CallUsage, Decision, draft_of
 from producer.validation import check_attributes, check_call_keys, fit_usage
 from schemas.wire import UsageDraft, UsageLike
@@ -44,6 +44,14 @@ class KafkaQuotaStore:
     A tenant-period without a notice is judged by the tenant's limit on the limits topic (read to
     its end at start, then followed; ``limits.table``), and by the middleware's ``quota_tokens``
     only when no limits record applies.
+
+    When the aggregator of a tenant's usage partition has been silent past ``stale_after_s``
+    (``is_stale``), ``config.stale_policy`` decides (``producer.snapshot.judge_stale``). The default,
+    ``keep_known``, keeps the snapshot's decision: a tenant known to be over when the aggregator fell
+    silent (an ``exceeded`` notice, or its last used plus this process's spend since at its limit)
+    stays refused with the exceeded reason; the others are admitted until their local spend takes
+    them over. ``fail_open`` (admit all) and ``fail_closed`` (refuse all, ``QuotaUnavailableError``)
+    are explicit choices.
 
     Args:
         config: Connection, topics, instance id (checked against the usage schema by the config).
@@ -122,20 +130,27 @@ class KafkaQuotaStore:
             return decision
         return self._stale(partition, age, decision)
 
+    def is_stale(self, tenant_id: str) -> bool:
+        """Whether ``tenant_id``'s decisions follow ``stale_policy`` now: the aggregator of its usage
+        partition has not been heard from (heartbeat or notice) for ``stale_after_s``, or never."""
+        age = self.snapshot.heartbeat_age(self.publisher.partition_of(tenant_id))
+        return age is None or age > self.config.stale_after_s
+
     def _stale(self, partition: int, age: float | None, decision: Decision) -> Decision:
-        """The aggregator judging this tenant has been silent too long: apply the staleness policy."""
+        """The aggregator judging this tenant has been silent too long: apply the staleness policy
+        (``judge_stale``). ``stats.stale_decisions`` counts every decision made so;
+        ``stats.stale_refusals`` counts the refusals for an unknown state (``fail_closed``), not
+        those of a tenant known to be over (``keep_known``), which would be refused fresh too."""
         self.stats.stale_decisions += 1
         policy = self.config.stale_policy
         if partition not in self._stale_partitions:
             self._stale_partitions.add(partition)
             heard = "never heard from" if age is None else f"silent for {age:.0f}s"
             log.warning("aggregator of usage partition %d %s; quota decisions follow policy %s", partition, heard, policy)
-        if policy == "fail_open":
-            return Decision(True, decision.used, decision.limit, final=True)
-        if policy == "fail_closed":
+        judged = judge_stale(policy, decision)
+        if judged.reason == STALE_REASON and not judged.allowed:
             self.stats.stale_refusals += 1
-            return Decision(False, decision.used, decision.limit, reason="quota_state_stale", final=True)
-        return decision  # local_only: the last known totals plus this process's own spend
+        return judged
 
     def _validate_key(self, tenant_id: str, period_key: str) -> None:
         """Refuse, before the LLM is called, ids the aggregator would dead-letter (``InvalidCallError``)."""

@@ -9,6 +9,9 @@ and the aggregator's notice stops all the others. Pure logic, no I/O.
 The limit is the notice's when there is one. Without a notice (the aggregator sends none while a
 tenant is 'ok'), it is the tenant's limit from the limits topic (``limits``, a table the limits
 feed keeps current), and only when no limits record applies the middleware's own ``quota_tokens``.
+
+When a usage partition's aggregator is silent past ``stale_after_s``, ``judge_stale`` applies the
+staleness policy to that decision (``keep_known`` by default: what was known stays known).
 """
 
 from __future__ import annotations
@@ -18,10 +21,42 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 from producer.store import Decision
 from schemas.notices import Heartbeat, QuotaNotice
+
+StalePolicy = Literal["keep_known", "local_only", "fail_open", "fail_closed"]
+STALE_POLICIES: tuple[str, ...] = get_args(StalePolicy)
+STALE_REASON = "quota_state_stale"
+
+
+def judge_stale(policy: StalePolicy, decision: Decision) -> Decision:
+    """The decision for a tenant-period whose aggregator is stale (silent past ``stale_after_s``, or
+    never heard from), given the snapshot's own ``decision`` (``QuotaSnapshot.decide``). Pure.
+
+    - ``keep_known`` (the default) and ``local_only`` (its former name, kept as an alias: the same
+      rule, not a copy of it): the snapshot's decision unchanged. A tenant known to be over when the
+      aggregator fell silent stays refused: a notice in state ``exceeded`` keeps refusing, and so
+      does ``used + this process's own spend since >= limit``, the limit being the one that governs
+      per the snapshot (the notice's, else the limits table's, else ``quota_tokens``). A tenant
+      under its limit is admitted until this process's own spend takes it over. The decision stays
+      non-final, so the middleware's in-flight reservations and headroom rules still apply. A
+      refusal keeps the snapshot's reason (``quota_exceeded_before_call``, raised as
+      ``QuotaExceededError``): the tenant is refused because it is known to be over, not because
+      the state is unknown, and the alert says so.
+    - ``fail_open``: admit every call (final: no further rule applies), even a tenant known to be
+      over. Explicit opt-in, for fleets that prefer availability to the bound.
+    - ``fail_closed``: refuse every call with reason ``quota_state_stale``
+      (``QuotaUnavailableError``).
+    """
+    if policy == "fail_open":
+        return Decision(True, decision.used, decision.limit, final=True)
+    if policy == "fail_closed":
+        return Decision(False, decision.used, decision.limit, reason=STALE_REASON, final=True)
+    if policy in ("keep_known", "local_only"):
+        return decision
+    raise ValueError(f"unknown stale_policy {policy!r}")
 
 
 def within_end(usage_partition: int, usage_offset: int, ends: Mapping[int, int]) -> bool:
