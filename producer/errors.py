@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class TokenGuardError(Exception):
     """Root of every error this package raises on purpose."""
@@ -10,8 +12,54 @@ class TokenGuardError(Exception):
 class QuotaExceededError(TokenGuardError, RuntimeError):
     """Raised before the LLM is called when the tenant's quota for the period is used up.
 
-    A ``RuntimeError`` too, as in the seed, so existing ``except RuntimeError`` code keeps working.
+    A ``RuntimeError`` too, as in the seed, so existing ``except RuntimeError`` code keeps working;
+    its message is the seed's. Raised by the middleware, it also says what the caller can do:
+
+    Attributes:
+        tenant_id, period_key: The tenant-period refused.
+        period_kind: ``month``, ``day``, ``week``, ``seed_week``, or None (a custom period key).
+        used: Tokens counted against the limit (this process's in-flight reservations included).
+        limit: The governing limit.
+        remaining: ``max(0, limit - used)``.
+        source: Where the limit came from: ``notice`` (the aggregator's), ``limits_topic`` (the
+            tenant's record or the topic's default record) or ``middleware_default``
+            (``quota_tokens``).
+        reason: The alert payload's ``reason``.
+        retry_after_s: Seconds until the period key's window ends (the key changes and the tenant
+            starts afresh); None when unknown (a custom period key function) or when the refusal
+            does not end with the window (too many calls in flight, quota state unavailable).
+        alert: The alert payload with every field above (what ``on_quota_exceeded`` receives when
+            the middleware is built with ``alert_details=True``).
+
+    Every attribute is None when the error was raised with a message only.
     """
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        tenant_id: str | None = None,
+        period_key: str | None = None,
+        period_kind: str | None = None,
+        used: int | None = None,
+        limit: int | None = None,
+        remaining: int | None = None,
+        source: str | None = None,
+        reason: str | None = None,
+        retry_after_s: float | None = None,
+        alert: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.tenant_id = tenant_id
+        self.period_key = period_key
+        self.period_kind = period_kind
+        self.used = used
+        self.limit = limit
+        self.remaining = remaining
+        self.source = source
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+        self.alert = alert
 
 
 class PublisherError(TokenGuardError):

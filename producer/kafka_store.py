@@ -24,7 +24,7 @@ from producer.limits_feed import LimitsFeed, LimitsTable
 from producer.notices_feed import NoticesFeed
 from producer.publisher import UsagePublisher
 from producer.snapshot import STALE_REASON, QuotaSnapshot, judge_stale
-from producer.store import CallUsage, Decision, draft_of
+from producer.store import CallUsage, Decision, LimitSource, draft_of
 from producer.validation import check_attributes, check_call_keys, fit_usage
 from schemas.wire import UsageDraft, UsageLike
 from transport.admin import ensure_topics
@@ -129,6 +129,18 @@ class KafkaQuotaStore:
                 log.warning("aggregator of usage partition %d is heard from again", partition)
             return decision
         return self._stale(partition, age, decision)
+
+    def peek(self, tenant_id: str, period_key: str, quota_tokens: int) -> Decision:
+        """The decision ``check`` would make now, without its side effects (no key validation, spool
+        check, staleness counting or logging): what ``TokenGuardMiddleware.headroom`` reads."""
+        decision = self.snapshot.decide(tenant_id, period_key, quota_tokens)
+        if self.is_stale(tenant_id):
+            return judge_stale(self.config.stale_policy, decision)
+        return decision
+
+    def source_of(self, tenant_id: str, period_key: str) -> LimitSource:
+        """Where the governing limit of this tenant-period comes from (``QuotaSnapshot.source``)."""
+        return self.snapshot.source(tenant_id, period_key)
 
     def is_stale(self, tenant_id: str) -> bool:
         """Whether ``tenant_id``'s decisions follow ``stale_policy`` now: the aggregator of its usage

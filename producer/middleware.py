@@ -7,7 +7,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from typing import Any
 
 from agent_framework import ChatContext, ChatMiddleware
@@ -17,10 +17,26 @@ from producer.estimate import estimate_input_tokens, tokens_for_chars
 from producer.inflight import InFlight, Reservation
 from producer.periods import month_key
 from producer.records import quota_alert, usage_record
-from producer.store import CallUsage, Decision, QuotaBackend, QuotaStore, UsageCallback, as_backend
+from producer.snapshot import STALE_REASON
+from producer.store import (
+    CallUsage,
+    Decision,
+    Headroom,
+    HeadroomState,
+    LimitSource,
+    QuotaBackend,
+    QuotaStore,
+    UsageCallback,
+    as_backend,
+)
 from producer.streams import StreamUsage
-from producer.tenancy import default_user_id_getter
+from producer.tenancy import current_tenant, default_user_id_getter
 from producer.validation import Counts, bound_model, check_call_keys, check_quota_tokens, settle_counts
+from schemas.periods import key_function_kind, period_kind, seconds_until_end
+
+# Refusals that end when the period key's window does; the others (too many calls in flight, the
+# quota state unavailable) end sooner or at an unknown time, so they carry no retry_after_s.
+_ENDS_WITH_WINDOW = frozenset({"quota_exceeded_before_call", "headroom_below_minimum"})
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +71,10 @@ class TokenGuardMiddleware(ChatMiddleware):
             period key the usage schema would refuse (length, control characters, not a str) is
             an ``InvalidCallError`` before the LLM is called: its usage could never be counted.
         on_quota_exceeded: Called with the seed's alert payload before ``QuotaExceededError`` is raised.
+        alert_details: Add to that payload, after the seed's keys (unchanged), what the caller can
+            do: ``limit_source``, ``period_kind``, ``remaining_tokens`` and ``retry_after_s``
+            (see ``QuotaExceededError``). Off by default: the seed's payload is exactly its five
+            keys. The raised error carries them either way (attributes, and ``error.alert``).
         on_quota_warning: Called once per tenant and period when usage first reaches
             ``warning_ratio`` of the limit.
         warning_ratio: Fraction of the limit that triggers ``on_quota_warning``.
@@ -81,6 +101,7 @@ class TokenGuardMiddleware(ChatMiddleware):
         period_key_fn: Callable[[], str] = month_key,
         on_quota_exceeded: UsageCallback | None = None,
         on_quota_warning: UsageCallback | None = None,
+        alert_details: bool = False,
         warning_ratio: float = 0.8,
         reserve_in_flight: bool = True,
         max_in_flight_per_tenant: int = 64,
@@ -99,6 +120,7 @@ class TokenGuardMiddleware(ChatMiddleware):
         self.on_usage = on_usage
         self.on_quota_exceeded = on_quota_exceeded
         self.on_quota_warning = on_quota_warning
+        self.alert_details = alert_details
         self.quota_store = quota_store
         self.quota_tokens = quota_tokens
         self.user_id_getter = user_id_getter
@@ -202,12 +224,95 @@ class TokenGuardMiddleware(ChatMiddleware):
 
     async def _refuse(self, tenant_id: str, period_key: str, decision: Decision) -> None:
         self.stats.blocked += 1
+        kind, retry_after_s = self._window(period_key)
+        if decision.reason not in _ENDS_WITH_WINDOW:
+            retry_after_s = None
+        source = self._source(tenant_id, period_key)
+        remaining = max(0, decision.limit - decision.used)
+        payload = quota_alert(tenant_id, period_key, decision.used, decision.limit)
+        payload["reason"] = decision.reason
+        detailed = {
+            **payload,
+            "limit_source": source,
+            "period_kind": kind,
+            "remaining_tokens": remaining,
+            "retry_after_s": retry_after_s,
+        }
         if self.on_quota_exceeded is not None:
-            payload = quota_alert(tenant_id, period_key, decision.used, decision.limit)
-            payload["reason"] = decision.reason
-            await self._call_back(self.on_quota_exceeded, payload)
-        error = QuotaUnavailableError if decision.reason == "quota_state_stale" else QuotaExceededError
-        raise error(f"Quota exceeded for user={tenant_id}. Used={decision.used}, quota={decision.limit}")
+            await self._call_back(self.on_quota_exceeded, dict(detailed) if self.alert_details else payload)
+        error = QuotaUnavailableError if decision.reason == STALE_REASON else QuotaExceededError
+        raise error(
+            f"Quota exceeded for user={tenant_id}. Used={decision.used}, quota={decision.limit}",
+            tenant_id=tenant_id,
+            period_key=period_key,
+            period_kind=kind,
+            used=decision.used,
+            limit=decision.limit,
+            remaining=remaining,
+            source=source,
+            reason=decision.reason,
+            retry_after_s=retry_after_s,
+            alert=detailed,
+        )
+
+    def headroom(self, tenant_id: str | None = None, period_key: str | None = None) -> Headroom:
+        """What ``tenant_id`` may still spend in ``period_key``, as this process sees it now: for an
+        agent to plan (size ``max_tokens``, defer work until ``retry_after_s``). Works with every
+        store (a seed ``QuotaStore`` too). No side effects, no network.
+
+        Args:
+            tenant_id: Default: the enclosing ``tenant_scope``, else ``"anonymous"`` (as the default
+                ``user_id_getter`` decides without a context).
+            period_key: Default: ``period_key_fn()``, the key a call made now would count against.
+        """
+        if tenant_id is None:
+            tenant_id = current_tenant() or "anonymous"
+        if period_key is None:
+            period_key = self.period_key_fn()
+        peek = getattr(self._backend, "peek", None)
+        decision: Decision = (peek if callable(peek) else self._backend.check)(tenant_id, period_key, self.quota_tokens)
+        reserved = self._in_flight.tokens((tenant_id, period_key)) if self.reserve_in_flight else 0
+        used = decision.used + reserved
+        limit = decision.limit
+        state: HeadroomState
+        if not decision.allowed and decision.reason == STALE_REASON:
+            state = "unavailable"
+        elif not decision.allowed or used >= limit:
+            state = "exceeded"
+        elif used >= limit * self.warning_ratio:
+            state = "warning"
+        else:
+            state = "ok"
+        kind, retry_after_s = self._window(period_key)
+        return Headroom(
+            tenant_id=tenant_id,
+            period_key=period_key,
+            period_kind=kind,
+            used=used,
+            limit=limit,
+            remaining=max(0, limit - used),
+            state=state,
+            source=self._source(tenant_id, period_key),
+            retry_after_s=retry_after_s,
+        )
+
+    def _source(self, tenant_id: str, period_key: str) -> LimitSource | None:
+        source_of = getattr(self._backend, "source_of", None)
+        return source_of(tenant_id, period_key) if callable(source_of) else None
+
+    def _window(self, period_key: str) -> tuple[str | None, float | None]:
+        """(kind, seconds until its window ends) of ``period_key``. With one of ``schemas.periods``'
+        key functions (or a ``functools.partial`` of one) as ``period_key_fn``, in its time zone;
+        with a custom one, by the key's shape (``period_kind``) in UTC, else (None, None)."""
+        known = key_function_kind(self.period_key_fn)
+        tz: tzinfo = UTC
+        kind: str | None
+        if known is not None:
+            kind, tz = known
+        else:
+            kind = period_kind(period_key)
+        retry_after_s = seconds_until_end(period_key, kind=kind, tz=tz) if kind is not None else None
+        return (kind if retry_after_s is not None else period_kind(period_key)), retry_after_s
 
     def _release(self, reservation: Reservation | None) -> None:
         if reservation is not None:

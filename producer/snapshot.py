@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol, get_args
 
-from producer.store import Decision
+from producer.store import Decision, LimitSource
 from schemas.notices import Heartbeat, QuotaNotice
 
 StalePolicy = Literal["keep_known", "local_only", "fail_open", "fail_closed"]
@@ -152,6 +152,17 @@ class QuotaSnapshot:
             return default_limit
         limit = limits.limit_for(tenant_id, period_key)
         return default_limit if limit is None else limit
+
+    def source(self, tenant_id: str, period_key: str) -> LimitSource:
+        """Where the limit ``decide`` uses comes from: ``notice`` when one is held, else
+        ``limits_topic`` when a limits record applies, else ``middleware_default``."""
+        entry = self._entries.get((tenant_id, period_key))
+        if entry is not None and entry.notice is not None:
+            return "notice"
+        limits = self.limits
+        if limits is not None and limits.limit_for(tenant_id, period_key) is not None:
+            return "limits_topic"
+        return "middleware_default"
 
     def used(self, tenant_id: str, period_key: str) -> int:
         entry = self._entries.get((tenant_id, period_key))

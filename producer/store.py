@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeAlias, runtime_checkable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeAlias, runtime_checkable
 
 from schemas.usage import FIXED_FIELDS, USAGE_FIELDS, plain_class
 from schemas.wire import UsageDraft
@@ -46,6 +47,37 @@ class Decision(NamedTuple):
     limit: int
     reason: str = "quota_exceeded_before_call"
     final: bool = False
+
+
+LimitSource = Literal["notice", "limits_topic", "middleware_default"]
+"""Where a governing limit came from: the aggregator's notice, the limits topic (the tenant's record
+or the topic's default record), or the middleware's own ``quota_tokens``."""
+
+HeadroomState = Literal["ok", "warning", "exceeded", "unavailable"]
+
+
+@dataclass(frozen=True, slots=True)
+class Headroom:
+    """What a tenant may still spend in a period, as this process sees it now
+    (``TokenGuardMiddleware.headroom``): for an agent to plan, e.g. to size ``max_tokens``.
+
+    ``used`` counts this process's calls in flight (their reservations) as the decision does;
+    ``remaining`` is ``max(0, limit - used)``. ``state``: ``exceeded`` when the next call would be
+    refused for the quota, ``unavailable`` when it would be refused because the quota state is
+    unknown (``fail_closed``), ``warning`` at or past the middleware's ``warning_ratio``, else
+    ``ok``. ``source``: see ``LimitSource`` (None for a custom backend that does not say).
+    ``retry_after_s``: seconds until the period key's window ends; None when unknown.
+    """
+
+    tenant_id: str
+    period_key: str
+    period_kind: str | None
+    used: int
+    limit: int
+    remaining: int
+    state: HeadroomState
+    source: LimitSource | None
+    retry_after_s: float | None
 
 
 # What a store adds to what the middleware read: the event's identity and origin, in ``draft_of``'s
@@ -109,6 +141,14 @@ class StoreBackend:
     def check(self, tenant_id: str, period_key: str, quota_tokens: int) -> Decision:
         used = self.store.get_usage(tenant_id, period_key)
         return Decision(allowed=used < quota_tokens, used=used, limit=quota_tokens)
+
+    def peek(self, tenant_id: str, period_key: str, quota_tokens: int) -> Decision:
+        """``check`` without side effects (for ``headroom``): the same here."""
+        return self.check(tenant_id, period_key, quota_tokens)
+
+    def source_of(self, tenant_id: str, period_key: str) -> LimitSource:
+        """A seed store knows no limit but the middleware's ``quota_tokens``."""
+        return "middleware_default"
 
     def record(self, usage: CallUsage) -> int:
         self.store.add_usage(usage.tenant_id, usage.period_key, usage.total_tokens)

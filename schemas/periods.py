@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, tzinfo
+from datetime import UTC, date, datetime, timedelta, tzinfo
 
 _cache: dict[tuple[Callable[[datetime], str], tzinfo], tuple[int, str]] = {}
 
@@ -86,3 +86,88 @@ def period_kind(period_key: str) -> str | None:
         if pattern.match(period_key):
             return kind
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# When a period key's window ends: the instant the key function would first return another key.
+# --------------------------------------------------------------------------------------------
+
+_FUNCTION_KINDS: dict[object, tuple[str, Callable[[datetime], str]]] = {
+    month_key: ("month", _month),
+    day_key: ("day", _day),
+    week_key: ("week", _iso_week),
+    seed_week_key: ("seed_week", _seed_week),
+}
+
+
+def key_function_kind(fn: object) -> tuple[str, tzinfo] | None:
+    """(kind, time zone) of one of this module's key functions, also through
+    ``functools.partial(month_key, tz=...)``; None for any other (custom) function. ``kind`` is
+    ``month``, ``day``, ``week`` (ISO) or ``seed_week`` (the seed's ``%Y-W%W``)."""
+    tz: object = UTC
+    func = fn
+    keywords = getattr(fn, "keywords", None)
+    if isinstance(keywords, dict) and callable(getattr(fn, "func", None)) and not getattr(fn, "args", ()):
+        func = fn.func  # type: ignore[attr-defined]
+        tz = keywords.get("tz", UTC)
+        if set(keywords) - {"tz"} or not isinstance(tz, tzinfo):
+            return None
+    try:
+        known = _FUNCTION_KINDS.get(func)
+    except TypeError:  # not hashable: not one of ours
+        return None
+    if known is None:
+        return None
+    return known[0], tz  # type: ignore[return-value]
+
+
+def _midnight(year: int, month: int, day: int, tz: tzinfo) -> datetime:
+    return datetime(year, month, day, tzinfo=tz)
+
+
+def window_end(period_key: str, *, kind: str | None = None, tz: tzinfo = UTC) -> datetime | None:
+    """The instant (aware, in ``tz``) the window of ``period_key`` ends: local midnight of the first
+    day no longer in it. ``kind`` is ``month``, ``day``, ``week`` (ISO 8601) or ``seed_week``
+    (``%Y-W%W``, whose last week of a year ends on 1 January); None takes ``period_kind(period_key)``
+    (a week-shaped key is then read as ISO). None when the key is not of that kind or names no real
+    period (``2026-13``, ``2026-W54``). Pure."""
+    if kind is None:
+        kind = period_kind(period_key)
+    try:
+        if kind == "month" and _KINDS[2][1].match(period_key):
+            year, month = int(period_key[:4]), int(period_key[5:7])
+            if not 1 <= month <= 12:
+                return None
+            return _midnight(year + month // 12, month % 12 + 1, 1, tz)
+        if kind == "day" and _KINDS[0][1].match(period_key):
+            start = date(int(period_key[:4]), int(period_key[5:7]), int(period_key[8:10]))
+            end = start + timedelta(days=1)
+            return _midnight(end.year, end.month, end.day, tz)
+        if kind == "week" and _KINDS[1][1].match(period_key):
+            end = date.fromisocalendar(int(period_key[:4]), int(period_key[6:8]), 1) + timedelta(days=7)
+            return _midnight(end.year, end.month, end.day, tz)
+        if kind == "seed_week" and _KINDS[1][1].match(period_key):
+            year, week = int(period_key[:4]), int(period_key[6:8])
+            january_1 = date(year, 1, 1)
+            first_monday = january_1 + timedelta(days=(7 - january_1.weekday()) % 7)
+            end = min(first_monday + timedelta(days=7 * week), date(year + 1, 1, 1))
+            if week > 53 or end <= january_1:
+                return None
+            return _midnight(end.year, end.month, end.day, tz)
+    except ValueError:  # day 31 of April, ISO week 54, year 0 ...
+        return None
+    return None
+
+
+def seconds_until_end(
+    period_key: str, *, kind: str | None = None, tz: tzinfo = UTC, now: datetime | None = None
+) -> float | None:
+    """Seconds from ``now`` (default: this instant) until ``window_end``; never negative (a past
+    window has ended: 0). None when the window end is unknown."""
+    end = window_end(period_key, kind=kind, tz=tz)
+    if end is None:
+        return None
+    moment = datetime.now(UTC) if now is None else now
+    # Through timestamps: subtracting two datetimes of the same tzinfo ignores their UTC offsets,
+    # which is wrong across a daylight-saving change.
+    return max(0.0, end.timestamp() - moment.timestamp())
