@@ -16,7 +16,6 @@ aggregator's limits feed skips it; the records after it are applied as if it wer
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 
@@ -127,11 +126,7 @@ class LimitsFeed:
 
     async def wait_until(self, predicate: Callable[[LimitsTable], bool], timeout: float) -> None:
         """Wait until ``predicate(table)`` holds, re-checking after every batch of records."""
-        batches = self._follower.batches
-        async with asyncio.timeout(timeout):
-            while not predicate(self.table):
-                batches.clear()
-                await batches.wait()
+        await self._follower.wait_until(lambda: predicate(self.table), timeout)
 
     async def _take(self, records: list[ConsumerRecord]) -> None:
         table = self.table

@@ -119,11 +119,7 @@ class NoticesFeed:
 
     async def wait_until(self, predicate: Callable[[QuotaSnapshot], bool], timeout: float) -> None:
         """Wait until ``predicate(snapshot)`` holds, re-checking after every batch of notices."""
-        batches = self._follower.batches
-        async with asyncio.timeout(timeout):
-            while not predicate(self._snapshot):
-                batches.clear()
-                await batches.wait()
+        await self._follower.wait_until(lambda: predicate(self._snapshot), timeout)
 
     async def _take(self, records: list[ConsumerRecord]) -> None:
         snapshot = self._snapshot

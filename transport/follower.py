@@ -112,6 +112,14 @@ class TopicFollower:
         self._consumer = consumer
         self._task = asyncio.create_task(self._follow(consumer), name=f"follow-{self._topic}")
 
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float) -> None:
+        """Wait until ``predicate()`` holds, re-checking after every batch read (``TimeoutError``
+        after ``timeout``): what a reader of the followed state awaits instead of sleeping."""
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                self.batches.clear()
+                await self.batches.wait()
+
     async def stop(self) -> None:
         """Idempotent."""
         task, self._task = self._task, None
