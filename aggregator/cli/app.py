@@ -13,6 +13,7 @@ from aggregator.cli.deploy import acls, topics
 from aggregator.cli.limits import limits
 from aggregator.cli.options import deployment_options
 from aggregator.cli.output import printable
+from aggregator.cli.prices import prices
 from aggregator.cli.serve import aggregator, verify
 from aggregator.cli.totals import replay, usage
 
@@ -54,7 +55,7 @@ def tokenguard() -> None:
     """
 
 
-for command in (aggregator, verify, limits, usage, replay, topics, acls):
+for command in (aggregator, verify, limits, prices, usage, replay, topics, acls):
     tokenguard.add_command(command)
 
 
