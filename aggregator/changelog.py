@@ -17,7 +17,7 @@ from aggregator.intake import accept, expected_partition
 from schemas.errors import DecodeError
 from schemas.totals import TotalsRecord
 from schemas.usage import UsageEvent
-from schemas.wire import decode_totals, tenant_period_key
+from schemas.wire import decode_totals, parse_tenant_period_key, tenant_period_key
 from transport.admin import topic_partitions
 from transport.connection import KafkaConnection
 from transport.fetch import Unreadable
@@ -73,6 +73,14 @@ async def read_changelog(
         connection, topic, {p: (None, None) for p in partitions}, on_unreadable=unreadable
     ):
         for record in records:
+            if record.value is None:
+                # A tombstone: the aggregator removed the key (an ended rate window). A record
+                # of it written later (by a zombie member) may bring it back; that is harmless,
+                # it expires again.
+                parsed = parse_tenant_period_key(record.key)
+                if parsed is not None:
+                    latest.pop(parsed, None)
+                continue
             try:
                 totals = decode_totals(record.value)
             except DecodeError as exc:

@@ -67,15 +67,18 @@ class Checkpoint:
     async def commit(self, state: TotalsState, now: datetime) -> None:
         dirty, notify = state.take_changes()
         clears = state.take_clears()
-        if not dirty and not notify and not clears and not self.offsets and not self._pending:
+        expired = state.take_expired()
+        if not dirty and not notify and not clears and not expired and not self.offsets and not self._pending:
             return
         producer, topics = self._producer, self._topics
         futures, self._pending = self._pending, []
         # 2.
-        by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
+        by_partition: dict[int, list[tuple[bytes, bytes | None]]] = {}
         for key, totals in dirty:
             value = encode_fields(state.record_fields(key, totals, now))
             by_partition.setdefault(totals.partition, []).append((tenant_period_key(*key), value))
+        for key, partition in expired:
+            by_partition.setdefault(partition, []).append((tenant_period_key(*key), None))
         for partition, records in by_partition.items():
             futures.extend(await self._send_records(topics.totals, partition, records))
         for key, totals, reason in notify:
@@ -95,7 +98,7 @@ class Checkpoint:
                 emitted_at=now,
             )
             futures.append(await producer.send(topics.notices, encode(notice), key=tenant_period_key(*key)))
-        for key in clears:
+        for key in [*clears, *(key for key, _ in expired)]:
             futures.append(await producer.send(topics.notices, None, key=tenant_period_key(*key)))
         # 3. A failed send raises here, before the commit: the process dies and restores, crash-only.
         await asyncio.gather(*futures)
@@ -110,7 +113,7 @@ class Checkpoint:
                 self.commit_failures += 1
                 log.warning("offset commit skipped after a rebalance: %s", exc)
 
-    async def _send_records(self, topic: str, partition: int, records: list[tuple[bytes, bytes]]) -> list[asyncio.Future[object]]:
+    async def _send_records(self, topic: str, partition: int, records: list[tuple[bytes, bytes | None]]) -> list[asyncio.Future[object]]:
         """One aiokafka batch per partition rather than one ``send()`` per key."""
         producer = self._producer
         futures = []

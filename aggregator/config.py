@@ -33,6 +33,9 @@ class AggregatorConfig:
     # Every not-'ok' notice is published again this often, so a forged or lost one stands at most
     # this long (contradicting notices are corrected at once; this is the bound if that fails).
     reassert_interval_s: float = 30.0
+    # A rule's rate-window counter is dropped (memory, changelog, notice) this long after its
+    # window ended; an event of the window that arrives later starts a fresh counter for it.
+    rate_window_keep_s: float = 60.0
     # A batch closes at ``batch_max`` records or ``batch_window_ms`` after its first record,
     # whichever comes first; a notice waits at most that long before it is published.
     batch_max: int = 20_000
@@ -54,8 +57,8 @@ class AggregatorConfig:
             raise ValueError(f"warning_ratio must be in (0, 1], got {self.warning_ratio}")
         if self.default_limit is not None and self.default_limit < 0:
             raise ValueError(f"default_limit must be >= 0, got {self.default_limit}")
-        if self.heartbeat_interval_s <= 0 or self.reassert_interval_s <= 0:
-            raise ValueError("heartbeat_interval_s and reassert_interval_s must be positive")
+        if self.heartbeat_interval_s <= 0 or self.reassert_interval_s <= 0 or self.rate_window_keep_s < 0:
+            raise ValueError("heartbeat_interval_s, reassert_interval_s must be positive, rate_window_keep_s >= 0")
         if self.batch_max < 1 or self.batch_window_ms < 1 or self.dedup_window < 1:
             raise ValueError("batch_max, batch_window_ms and dedup_window must be positive")
 

@@ -15,6 +15,9 @@ Beyond a valid value whose tenant is the record's key (``schemas.wire.decode_usa
   when present, must say the same (a header that differs, or is null, is ``id_mismatch``): the
   dedup window is rebuilt after a restart from these records, and a header that disagrees with the
   value must not plant an id that later drops someone else's event.
+- **Period keys** starting ``rule:`` are the aggregator's own (a quota rule's counter,
+  ``schemas.policy.counter_key``): an event carrying one is ``reserved_period_key``, so no client
+  can add to a rule's counter but through the rule.
 - **Dedup** is per tenant: (tenant, event id). Another tenant reusing an id changes nothing for
   the first. The same (tenant, id) with different content is an ``id_conflict``, dead-lettered
   and counted, not dropped as an ordinary duplicate; ``fingerprint`` is what "content" means.
@@ -26,6 +29,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from schemas.errors import DecodeError
+from schemas.policy import COUNTER_PREFIX
 from schemas.usage import UsageEvent
 from schemas.wire import decode_usage_record
 from transport.partitioning import partition_for as expected_partition  # the producer's partitioner too
@@ -56,6 +60,8 @@ def accept(record: UsageRecord, partitions: int) -> UsageEvent:
             "misrouted",
             f"record on partition {record.partition}; its key belongs on partition {home} of {partitions} (murmur2)",
         )
+    if event.period_key.startswith(COUNTER_PREFIX):
+        raise DecodeError("reserved_period_key", f"period keys starting {COUNTER_PREFIX!r} name rule counters")
     wanted = event.event_id.encode()
     for name, value in record.headers:
         if name == "ce_id" and value != wanted:

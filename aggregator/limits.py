@@ -21,7 +21,15 @@ from aggregator.config import AggregatorConfig
 from aggregator.state import Limits
 from schemas.errors import DecodeError
 from schemas.limits import QuotaLimit
-from schemas.rules import MAX_LIMIT_KEY_BYTES, read_limit_record, tenant_of_limit_key
+from schemas.policy import QuotaRule, rule_key
+from schemas.rules import (
+    MAX_LIMIT_KEY_BYTES,
+    LimitRecord,
+    PolicyRecord,
+    RuleRecord,
+    read_policy_record,
+    tenant_of_limit_key,
+)
 from schemas.topics import TopicLayout
 from schemas.wire import encode, limit_key
 from transport.connection import KafkaConnection
@@ -29,7 +37,10 @@ from transport.follower import TopicFollower
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_LIMIT_KEY_BYTES", "LimitsFeed", "delete_limit", "tenant_of_limit_key", "write_limit"]
+__all__ = [
+    "MAX_LIMIT_KEY_BYTES", "LimitsFeed", "delete_limit", "delete_rule", "load_policies", "tenant_of_limit_key",
+    "write_limit", "write_rule",
+]
 
 OnChange = Callable[[str | None], Awaitable[None]]
 
@@ -76,20 +87,66 @@ class LimitsFeed:
                 await self._on_change(tenant_id)
 
     def _take(self, record: ConsumerRecord) -> tuple[bool, str | None]:
-        """Apply one limits record; (applied, tenant id or None for the default)."""
+        """Apply one record; (applied, the tenant whose keys to re-judge, None for every tenant)."""
         try:
-            tenant_id, limit = read_limit_record(record.key, record.value)
+            change = read_policy_record(record.key, record.value)
         except DecodeError as exc:
             return self._skip(record, exc.reason, exc.detail)
-        if limit is None:
-            self._limits.delete(tenant_id)
-        else:
-            self._limits.set(limit)
-        return True, tenant_id
+        return True, apply_policy(self._limits, change)
 
     def _skip(self, record: ConsumerRecord, reason: str, detail: str) -> tuple[bool, None]:
         self._follower.skip(partition=record.partition, offset=record.offset, reason=reason, detail=detail)
         return False, None
+
+
+def apply_policy(limits: Limits, change: PolicyRecord) -> str | None:
+    """Apply one record of the limits topic to ``limits``; the tenant whose keys it can change
+    (None: every tenant's, for a default limit or rule, or a price)."""
+    if isinstance(change, LimitRecord):
+        if change.limit is None:
+            limits.delete(change.tenant_id)
+        else:
+            limits.set(change.limit)
+        return change.tenant_id
+    if isinstance(change, RuleRecord):
+        if change.rule is None:
+            limits.rules.delete(change.tenant_id, change.name)
+        else:
+            limits.rules.set(change.rule)
+        return change.tenant_id
+    if change.price is None:
+        limits.rules.prices.delete(change.model, change.effective_from)
+    else:
+        limits.rules.prices.set(change.price)
+    return None
+
+
+async def load_policies(connection: KafkaConnection, topic: str, limits: Limits | None = None) -> Limits:
+    """Every limit, rule and price on the limits topic as it is now (read once, to its end): for
+    the verifier, replay, the simulator and the CLI. Records that are not ours are skipped."""
+    limits = limits if limits is not None else Limits()
+
+    async def take(records: list[ConsumerRecord]) -> None:
+        for record in records:
+            try:
+                apply_policy(limits, read_policy_record(record.key, record.value))
+            except DecodeError:
+                continue
+
+    follower = TopicFollower(connection, topic, take, client_id="tokenguard-limits-reader")
+    await follower.start()
+    await follower.stop()
+    return limits
+
+
+async def write_rule(connection: KafkaConnection, layout: TopicLayout, rule: QuotaRule) -> None:
+    """Set a quota rule (a tenant's, or with ``tenant_id=None`` every tenant's) on the limits topic."""
+    await _write(connection, layout.limits, rule_key(rule.tenant_id, rule.name), encode(rule))
+
+
+async def delete_rule(connection: KafkaConnection, layout: TopicLayout, tenant_id: str | None, name: str) -> None:
+    """Remove a quota rule (a tombstone); its counters stop being judged."""
+    await _write(connection, layout.limits, rule_key(tenant_id, name), None)
 
 
 async def write_limit(connection: KafkaConnection, layout: TopicLayout, limit: QuotaLimit) -> None:

@@ -39,9 +39,14 @@ async def replay(config: AggregatorConfig, *, since: datetime | None = None) -> 
     if not await group_is_empty(config):
         raise AggregatorError(f"aggregator group {config.group_id!r} has running members; stop them first")
     layout = config.topics
+    limits = Limits(config.default_limit, warning_ratio=config.warning_ratio)
+    # The limits and rules the aggregator would judge by: the rebuilt states must be the ones it
+    # would hold, and its rule counters the ones it would count.
+    feed = LimitsFeed(config, limits, on_change=_ignore_change)
+    await feed.start()
+    await feed.stop()
     ends = await end_offsets(config.connection, layout.usage)
-    recompute = Recompute(len(ends))
-    partition_of: dict[tuple[str, str], int] = {}
+    recompute = Recompute(len(ends), limits.rules)
     quota_of: dict[tuple[str, str], int] = {}
     ranges = {p: (None, end) for p, end in ends.items()}
     async for records in read_ranges(config.connection, layout.usage, ranges, on_unreadable=recompute.unreadable):
@@ -52,25 +57,20 @@ async def replay(config: AggregatorConfig, *, since: datetime | None = None) -> 
             if since is not None and event.event_time < since:
                 recompute.forget(event)
                 continue
-            partition_of[(event.tenant_id, event.period_key)] = record.partition
             key = (event.tenant_id, event.period_key)
             quota_of[key] = lowest_quota(quota_of.get(key), event.quota_tokens)  # as the aggregator keeps it
-    limits = Limits(config.default_limit, warning_ratio=config.warning_ratio)
-    # The limits the aggregator would judge by: the rebuilt states must be the ones it would hold.
-    feed = LimitsFeed(config, limits, on_change=_ignore_change)
-    await feed.start()
-    await feed.stop()
     now = datetime.now(UTC)
     producer = AIOKafkaProducer(**config.connection.client_kwargs(), acks="all")
     await producer.start()
     try:
         futures = []
         for key, figures in recompute.totals().items():
-            partition = partition_of[key]
-            limit, ratio = limits.rule(key[0], key[1], quota_of[key])
+            partition = recompute.partition_of[key]
+            quota = quota_of.get(key)
+            limit, ratio = limits.rule(key[0], key[1], quota) or (0, 1.0)  # None: a rule since removed
             totals = Totals(partition=partition, used=figures.used, events=figures.events,
                             applied_offset=ends[partition] - 1, limit=limit,
-                            state=classify(figures.used, limit, ratio), event_quota=quota_of[key])
+                            state=classify(figures.used, limit, ratio), event_quota=quota)
             value = encode_fields(TotalsState.record_fields(key, totals, now))
             futures.append(await producer.send(layout.totals, value, key=tenant_period_key(*key), partition=partition))
         for future in futures:

@@ -244,6 +244,7 @@ class AggregatorService:
         if now < self._next_heartbeat or not self._owned:
             return
         self._next_heartbeat = now + self.config.heartbeat_interval_s
+        self.stats.rate_windows_expired += self.state.expire(time.time(), self.config.rate_window_keep_s)
         producer = self._producer
         assert producer is not None
         emitted_at = datetime.now(UTC)

@@ -18,9 +18,12 @@ from aggregator.dedup import DedupWindow
 from aggregator.intake import fingerprint, identity
 from schemas.limits import QuotaLimit
 from schemas.notices import QuotaState
+from schemas.policy import COUNTER_PREFIX, parse_counter_key
+from schemas.rulebook import RuleBook
 from schemas.rules import applicable
 from schemas.totals import TotalsRecord
 from schemas.usage import UsageEvent
+from schemas.windows import rate_window_end
 
 Key = tuple[str, str]
 
@@ -60,16 +63,21 @@ def classify(used: int, limit: int, warning_ratio: float) -> QuotaState:
 
 
 class Limits:
-    """Which limit applies: the tenant's own (limits topic), else the topic's default record (the
-    precedence the middleware shares, ``schemas.rules.applicable``), else the aggregator's
-    configured default, else the smallest quota the tenant-period's events carried from their
-    middleware (so no event can raise a limit)."""
+    """Which limit applies to a tenant-period: the tenant's own (limits topic), else the topic's
+    default record (the precedence the middleware shares, ``schemas.rules.applicable``), else the
+    aggregator's configured default, else the smallest quota the tenant-period's events carried
+    from their middleware (so no event can raise a limit).
+
+    And the quota rules (``rules``, a ``RuleBook`` with the price table): each rule that matches
+    an event is one more counter, keyed by the rule's counter key (``schemas.policy.counter_key``)
+    where a period key stands, judged by the rule's limit and lowest threshold."""
 
     def __init__(self, default_limit: int | None = None, *, warning_ratio: float = 0.8) -> None:
         self.default_limit = default_limit
         self.warning_ratio = warning_ratio
         self.per_tenant: dict[str, QuotaLimit] = {}
         self.topic_default: QuotaLimit | None = None
+        self.rules = RuleBook()
 
     def set(self, limit: QuotaLimit) -> None:
         if limit.tenant_id is None:
@@ -83,9 +91,17 @@ class Limits:
         else:
             self.per_tenant.pop(tenant_id, None)
 
-    def rule(self, tenant_id: str, period_key: str, event_quota: int | None) -> tuple[int, float]:
+    def rule(self, tenant_id: str, period_key: str, event_quota: int | None) -> tuple[int, float] | None:
         """(limit, warning ratio) for one tenant-period; ``event_quota`` is the smallest quota its
-        events carried (``Totals.event_quota``)."""
+        events carried (``Totals.event_quota``). For a rule's counter, its rule's (no thresholds:
+        no warning state); None when that rule is gone or counts otherwise now (the counter keeps
+        its last judgement)."""
+        if period_key.startswith(COUNTER_PREFIX):
+            parsed = parse_counter_key(period_key)
+            quota_rule = self.rules.governing(tenant_id, parsed[0]) if parsed else None
+            if quota_rule is None or parsed is None or quota_rule.basis != parsed[1]:
+                return None
+            return quota_rule.limit, quota_rule.thresholds[0] if quota_rule.thresholds else 1.0
         record = applicable(self.per_tenant.get(tenant_id), self.topic_default, period_key)
         if record is not None:
             return record.limit_tokens, record.warning_ratio or self.warning_ratio
@@ -106,6 +122,8 @@ class TotalsState:
         self._dirty: set[Key] = set()
         self._notify: dict[Key, str] = {}
         self._clear: set[Key] = set()
+        self._rate_ends: dict[Key, float] = {}  # rate-window counters held, and when each window ends
+        self._expired: list[tuple[Key, int]] = []
 
     def _window(self, partition: int) -> DedupWindow:
         window = self._windows.get(partition)
@@ -115,7 +133,9 @@ class TotalsState:
 
     def restore(self, record: TotalsRecord) -> None:
         """Take a changelog record as the key's state (the latest record per key wins)."""
-        self.totals[(record.tenant_id, record.period_key)] = Totals(
+        key = (record.tenant_id, record.period_key)
+        self._index_rate(key)
+        self.totals[key] = Totals(
             partition=record.usage_partition,
             used=record.used_tokens,
             events=record.event_count,
@@ -132,30 +152,77 @@ class TotalsState:
             window.add(identity(event), fingerprint(event))
 
     def apply(self, partition: int, offset: int, event: UsageEvent) -> Outcome:
-        key = (event.tenant_id, event.period_key)
+        """Count ``event`` once in its tenant-period and in the counter of every rule it matches.
+
+        Each key has its own replay guard: after a crash between two changelog writes, a record
+        may be in one key's restored totals and not in another's; it is added where it is not."""
         window = self._window(partition)
         self.mark_position(partition, offset)
-        totals = self.totals.get(key)
+        tenant_id = event.tenant_id
+        counted = [((tenant_id, event.period_key), event.total_tokens)]
+        rules = self.limits.rules
+        if rules.defaults or tenant_id in rules.per_tenant:
+            counted += [((tenant_id, key), amount) for key, amount in
+                        rules.counters(tenant_id, event, event.attributes, event.event_time)]
+        fresh = []
+        for key, amount in counted:
+            held = self.totals.get(key)
+            if held is None or offset > held.applied_offset:
+                fresh.append((key, amount, held))
         who, content = identity(event), fingerprint(event)
-        if totals is not None and offset <= totals.applied_offset:
+        if not fresh:
             window.add(who, content)
             return Outcome.REPLAY
         seen = window.fingerprint(who)
         if seen is not None:
             return Outcome.DUPLICATE if seen == content else Outcome.CONFLICT
         window.add(who, content)
-        if totals is None:
-            totals = self.totals[key] = Totals(partition=partition)
-        totals.used += event.total_tokens
-        totals.events += 1
-        totals.applied_offset = offset
-        totals.event_quota = lowest_quota(totals.event_quota, event.quota_tokens)
-        self._dirty.add(key)
-        self._evaluate(key, totals, "state_changed")
+        for key, amount, totals in fresh:
+            if totals is None:
+                totals = self.totals[key] = Totals(partition=partition)
+                if key is not counted[0][0]:
+                    self._index_rate(key)
+            totals.used += amount
+            totals.events += 1
+            totals.applied_offset = offset
+            if key is counted[0][0]:
+                totals.event_quota = lowest_quota(totals.event_quota, event.quota_tokens)
+            self._dirty.add(key)
+            self._evaluate(key, totals, "state_changed")
         return Outcome.APPLIED
 
+    def _index_rate(self, key: Key) -> None:
+        if key[1].startswith(COUNTER_PREFIX):
+            parsed = parse_counter_key(key[1])
+            end = rate_window_end(parsed[2]) if parsed else None
+            if end is not None:
+                self._rate_ends[key] = end
+
+    def expire(self, now: float, keep_s: float) -> int:
+        """Forget rate-window counters whose window ended more than ``keep_s`` before ``now``
+        (epoch seconds); the next flush removes their changelog records and notices (tombstones).
+        What bounds the memory rate rules take: per tenant and rate rule, the windows of the last
+        ``keep_s`` seconds. Calendar windows are kept. Returns how many were forgotten."""
+        ended = [key for key, end in self._rate_ends.items() if end + keep_s < now]
+        for key in ended:
+            del self._rate_ends[key]
+            totals = self.totals.pop(key, None)
+            self._dirty.discard(key)
+            self._notify.pop(key, None)
+            if totals is not None:
+                self._expired.append((key, totals.partition))
+        return len(ended)
+
+    def take_expired(self) -> list[tuple[Key, int]]:
+        """(key, usage partition) of the counters ``expire`` forgot, since the last call."""
+        expired, self._expired = self._expired, []
+        return expired
+
     def _evaluate(self, key: Key, totals: Totals, reason: str) -> None:
-        limit, warning_ratio = self.limits.rule(key[0], key[1], totals.event_quota)
+        judged = self.limits.rule(key[0], key[1], totals.event_quota)
+        if judged is None:
+            return
+        limit, warning_ratio = judged
         state = classify(totals.used, limit, warning_ratio)
         limit_changed = limit != totals.limit
         totals.limit = limit
@@ -222,9 +289,11 @@ class TotalsState:
         """Forget partitions another aggregator now owns; its restore brings their state back."""
         for key in [k for k, t in self.totals.items() if t.partition in partitions]:
             del self.totals[key]
+            self._rate_ends.pop(key, None)
             self._dirty.discard(key)
             self._notify.pop(key, None)
         self._clear.clear()
+        self._expired = [(key, p) for key, p in self._expired if p not in partitions]
         for partition in partitions:
             self.partition_offsets.pop(partition, None)
             self._windows.pop(partition, None)

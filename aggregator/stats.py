@@ -22,3 +22,4 @@ class AggregatorStats:
     changelog_rejected: int = 0
     reasserted: int = 0
     corrections: int = 0
+    rate_windows_expired: int = 0

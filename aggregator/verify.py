@@ -16,10 +16,14 @@ from dataclasses import dataclass, field
 
 from aggregator.changelog import read_changelog
 from aggregator.intake import Identity, UsageRecord, accept, fingerprint, identity
+from aggregator.limits import load_policies
 from schemas.errors import DecodeError
+from schemas.policy import parse_counter_key
+from schemas.rulebook import RuleBook
 from schemas.topics import TopicLayout
 from schemas.totals import TotalsRecord
 from schemas.usage import UsageEvent
+from schemas.windows import rate_window_end
 from transport.admin import committed_offsets, topic_partitions
 from transport.connection import KafkaConnection
 from transport.fetch import Unreadable
@@ -36,10 +40,13 @@ class KeyTotals:
 
 class Recompute:
     """Feed it the usage topic's records (``partitions``: the topic's partition count); it sums
-    each (tenant, event id) once per (tenant, period)."""
+    each (tenant, event id) once per (tenant, period), and, given ``rules``, once in the counter
+    of every rule it matches (``RuleBook.counters``, as the aggregator counts)."""
 
-    def __init__(self, partitions: int) -> None:
+    def __init__(self, partitions: int, rules: RuleBook | None = None) -> None:
         self.partitions = partitions
+        self.rules = rules
+        self.partition_of: dict[Key, int] = {}
         self._used: dict[Key, int] = {}
         self._events: dict[Key, int] = {}
         self._seen: dict[Identity, int] = {}
@@ -64,10 +71,18 @@ class Recompute:
                 self.invalid["id_conflict"] += 1
             return None
         self._seen[who] = content
-        period = (event.tenant_id, event.period_key)
-        self._used[period] = self._used.get(period, 0) + event.total_tokens
-        self._events[period] = self._events.get(period, 0) + 1
+        for key, amount in self._counted(event):
+            self._used[key] = self._used.get(key, 0) + amount
+            self._events[key] = self._events.get(key, 0) + 1
+            self.partition_of[key] = record.partition
         return event
+
+    def _counted(self, event: UsageEvent) -> list[tuple[Key, int]]:
+        counted = [((event.tenant_id, event.period_key), event.total_tokens)]
+        if self.rules is not None:
+            found = self.rules.counters(event.tenant_id, event, event.attributes, event.event_time)
+            counted += [((event.tenant_id, key), amount) for key, amount in found]
+        return counted
 
     def unreadable(self, skipped: Unreadable) -> None:
         """A record the Kafka client could not parse: never counted (the aggregator dead-letters it)."""
@@ -76,11 +91,11 @@ class Recompute:
 
     def forget(self, event: UsageEvent) -> None:
         """Take back a counted event (its id stays seen: repeats of it still count as repeats)."""
-        period = (event.tenant_id, event.period_key)
-        self._used[period] -= event.total_tokens
-        self._events[period] -= 1
-        if not self._events[period]:
-            del self._used[period], self._events[period]
+        for key, amount in self._counted(event):
+            self._used[key] -= amount
+            self._events[key] -= 1
+            if not self._events[key]:
+                del self._used[key], self._events[key], self.partition_of[key]
 
     def totals(self) -> dict[Key, KeyTotals]:
         return {k: KeyTotals(self._used[k], self._events[k]) for k in self._used}
@@ -120,6 +135,7 @@ class VerifyReport:
     lag: int = 0
     differences: list[Difference] = field(default_factory=list)
     changelog_rejected: Counter[str] = field(default_factory=Counter)
+    expired: int = 0
 
 
 async def group_lag(connection: KafkaConnection, group_id: str, topic: str) -> int:
@@ -130,11 +146,15 @@ async def group_lag(connection: KafkaConnection, group_id: str, topic: str) -> i
 
 
 async def verify(
-    connection: KafkaConnection, layout: TopicLayout, group_id: str, *, wait_s: float = 60.0
+    connection: KafkaConnection, layout: TopicLayout, group_id: str, *, wait_s: float = 60.0,
+    rules: RuleBook | None = None, rate_window_keep_s: float = 60.0,
 ) -> VerifyReport:
     """Wait (up to ``wait_s``) for the group to catch up, then recompute and compare.
 
-    Meant for a drained stream: events published while it runs show up as differences.
+    Meant for a drained stream: events published while it runs show up as differences. Rule
+    counters are recomputed with ``rules`` (default: the rules on the limits topic now); a rate
+    window's counter that the aggregator has dropped (ended over ``rate_window_keep_s`` ago) is
+    not a difference (``report.expired`` counts them): those counters enforce, they do not bill.
     """
     report = VerifyReport()
     deadline = time.monotonic() + wait_s
@@ -142,7 +162,9 @@ async def verify(
         await asyncio.sleep(0.5)
     report.lag = lag
     partitions = await topic_partitions(connection, layout.usage)
-    recompute = Recompute(len(partitions))
+    if rules is None:
+        rules = (await load_policies(connection, layout.limits)).rules
+    recompute = Recompute(len(partitions), rules)
     ranges = {p: (None, None) for p in partitions}
     async for records in read_ranges(connection, layout.usage, ranges, on_unreadable=recompute.unreadable):
         for record in records:
@@ -158,5 +180,15 @@ async def verify(
     report.events = sum(t.events for t in expected.values())
     report.duplicates = recompute.duplicates
     report.invalid = dict(recompute.invalid)
+    ended_before = time.time() - rate_window_keep_s
+    for key in [k for k in expected if k not in actual and _rate_window_ended(k[1], ended_before)]:
+        del expected[key]
+        report.expired += 1
     report.differences = compare(expected, actual)
     return report
+
+
+def _rate_window_ended(period_key: str, before: float) -> bool:
+    parsed = parse_counter_key(period_key)
+    end = rate_window_end(parsed[2]) if parsed else None
+    return end is not None and end < before

@@ -208,6 +208,13 @@ class QuotaSnapshot:
         if entry is not None:
             entry.notice = None
 
+    def drop(self, tenant_id: str, period_key: str) -> None:
+        """Forget a tenant-period (an ended rate window of a rule): its notice and local spend."""
+        self._entries.pop((tenant_id, period_key), None)
+
+    def holds(self, tenant_id: str, period_key: str) -> bool:
+        return (tenant_id, period_key) in self._entries
+
     def apply_heartbeat(self, heartbeat: Heartbeat) -> None:
         self._heard(heartbeat.usage_partition, heartbeat.usage_offset, heartbeat.emitted_at.timestamp())
 

@@ -32,6 +32,7 @@ from pydantic.fields import FieldInfo
 
 from producer.errors import InvalidCallError
 from producer.store import CallUsage
+from schemas.policy import COUNTER_PREFIX
 from schemas.usage import UsageEvent
 from schemas.wire import MAX_RECORD_BYTES, UsageDraft, encode_usage
 
@@ -180,6 +181,8 @@ def check_call_keys(tenant_id: Any, period_key: Any) -> None:
     for what, value in (("tenant id", tenant_id), ("period key", period_key)):
         if not value.isprintable():
             raise InvalidCallError(f"{what} {value!r:.80} contains control characters")
+    if period_key.startswith(COUNTER_PREFIX):
+        raise InvalidCallError(f"period key {period_key!r:.80}: keys starting {COUNTER_PREFIX!r} are rule counters'")
 
 
 # --- per call, after the LLM -----------------------------------------------------------------

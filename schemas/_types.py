@@ -9,6 +9,9 @@ from pydantic import AfterValidator, AwareDatetime, Field
 # One LLM call above this is a bug or an attack, not usage: it is dead-lettered, never summed.
 MAX_TOKENS_PER_EVENT = 100_000_000
 MAX_LIMIT_TOKENS = 10**15
+# A limits-topic key (a limit, rule or price key) is a short JSON array: this is far more than any
+# takes, and bounds what parsing a hostile key can cost.
+MAX_POLICY_KEY_BYTES = 4096
 
 
 def _printable(value: str) -> str:

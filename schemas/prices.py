@@ -24,9 +24,8 @@ from typing import Annotated, Literal, NamedTuple, Protocol
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter
 
-from schemas._types import Identifier, Timestamp
+from schemas._types import MAX_POLICY_KEY_BYTES, Identifier, Timestamp
 from schemas.errors import DecodeError
-from schemas.rules import MAX_LIMIT_KEY_BYTES
 from schemas.wire import _decode
 
 DEFAULT_MODEL = "*"
@@ -120,7 +119,7 @@ def _parse_price_key(key: bytes | None) -> tuple[str, datetime] | None:
     """(model, effective_from) of a canonical price key; None for anything else. Never raises:
     hostile keys are bounded by size and first bytes before ``json.loads`` (deep nesting would
     raise ``RecursionError``), and must re-encode to the same bytes."""
-    if key is None or len(key) > MAX_LIMIT_KEY_BYTES or not key.startswith(PRICE_KEY_PREFIX):
+    if key is None or len(key) > MAX_POLICY_KEY_BYTES or not key.startswith(PRICE_KEY_PREFIX):
         return None
     try:
         parts = json.loads(key)

@@ -6,23 +6,26 @@ period key (``schemas.periods.period_kind``); else the default record, by the sa
 none, and the caller's own fallback applies (the aggregator's configured default, then the
 smallest quota its events carried; the middleware's ``quota_tokens``).
 
-Also here, since both sides read the topic: what one limits record says (``read_limit_record``),
-refusing anything that is not a limit of ours. Pure: no I/O.
+Also here, since both sides read the topic: what one record of it says (``read_policy_record``: a
+tenant limit, a quota rule of ``schemas.policy`` or a price of ``schemas.prices``), refusing
+anything that is not one of ours. Pure: no I/O.
 """
 
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import NamedTuple, Protocol, TypeVar
 
+from schemas._types import MAX_POLICY_KEY_BYTES
 from schemas.errors import DecodeError
 from schemas.limits import QuotaLimit
 from schemas.periods import period_kind
-from schemas.wire import decode_limit
+from schemas.policy import QuotaRule, is_rule_key, parse_rule_key
+from schemas.prices import ModelPrice, is_price_key, read_price_record
+from schemas.wire import decode_limit, decode_rule
 
-# A limits key is ["default"] or ["tenant", <id of at most 256 characters>]: JSON of this size is
-# far more than any such key takes, and bounds what parsing a hostile key can cost.
-MAX_LIMIT_KEY_BYTES = 4096
+MAX_LIMIT_KEY_BYTES = MAX_POLICY_KEY_BYTES
 
 
 class PeriodScoped(Protocol):
@@ -108,3 +111,53 @@ def read_limit_record(key: bytes | None, value: bytes | None) -> tuple[str | Non
     if limit.tenant_id != tenant_id:
         raise DecodeError("key_value_mismatch", f"key names {tenant_id!r:.80}, value {limit.tenant_id!r:.80}")
     return tenant_id, limit
+
+
+def read_rule_record(key: bytes | None, value: bytes | None) -> tuple[str | None, str, QuotaRule | None]:
+    """(tenant or None, name, the rule or None for a tombstone) of one rule record; ``DecodeError``
+    for a key that is not a rule's, a value that does not decode, or one naming another rule."""
+    parsed = parse_rule_key(key)
+    if parsed is None:
+        shown = repr(key[:60]) if key is not None else "None"
+        raise DecodeError("invalid_key", f"key {shown} ({len(key or b'')} bytes)")
+    tenant_id, name = parsed
+    if value is None:
+        return tenant_id, name, None
+    try:
+        rule = decode_rule(value)
+    except DecodeError as exc:
+        raise DecodeError(exc.reason, f"for rule {name!r:.40} of {tenant_id!r:.80}: {exc.detail}") from None
+    if (rule.tenant_id, rule.name) != (tenant_id, name):
+        raise DecodeError("key_value_mismatch", f"key names {(tenant_id, name)!r:.120}, "
+                                                f"value {(rule.tenant_id, rule.name)!r:.120}")
+    return tenant_id, name, rule
+
+
+class LimitRecord(NamedTuple):
+    tenant_id: str | None
+    limit: QuotaLimit | None
+
+
+class RuleRecord(NamedTuple):
+    tenant_id: str | None
+    name: str
+    rule: QuotaRule | None
+
+
+class PriceRecord(NamedTuple):
+    model: str
+    effective_from: datetime
+    price: ModelPrice | None
+
+
+PolicyRecord = LimitRecord | RuleRecord | PriceRecord
+
+
+def read_policy_record(key: bytes | None, value: bytes | None) -> PolicyRecord:
+    """What one record of the limits topic says (``None`` values are tombstones). ``DecodeError``
+    for anything that is not a limit, a rule or a price of ours."""
+    if is_rule_key(key):
+        return RuleRecord(*read_rule_record(key, value))
+    if is_price_key(key):
+        return PriceRecord(*read_price_record(key, value))
+    return LimitRecord(*read_limit_record(key, value))

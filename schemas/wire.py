@@ -17,6 +17,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from schemas.errors import DecodeError
 from schemas.limits import QuotaLimit
 from schemas.notices import NOTICE_MESSAGE, Heartbeat, QuotaNotice
+from schemas.policy import QuotaRule
 from schemas.totals import TotalsRecord
 from schemas.usage import USAGE_FIELDS, UsageEvent, plain_class
 
@@ -52,6 +53,7 @@ def _decode(adapter: Any, data: bytes | None, what: str) -> Any:
 _USAGE = TypeAdapter(UsageEvent)
 _TOTALS = TypeAdapter(TotalsRecord)
 _LIMIT = TypeAdapter(QuotaLimit)
+_RULE = TypeAdapter(QuotaRule)
 
 
 _usage_values = operator.attrgetter(*USAGE_FIELDS)
@@ -128,6 +130,10 @@ def decode_totals(data: bytes | None) -> TotalsRecord:
 
 def decode_limit(data: bytes | None) -> QuotaLimit:
     return _decode(_LIMIT, data, "limit")
+
+
+def decode_rule(data: bytes | None) -> QuotaRule:
+    return _decode(_RULE, data, "rule")
 
 
 def decode_notice(data: bytes | None) -> QuotaNotice | Heartbeat:

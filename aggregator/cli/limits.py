@@ -12,7 +12,7 @@ from aggregator.cli.contract import EXIT_OK, EXIT_PROBLEM, Group, UsageError, ru
 from aggregator.cli.options import deployment_options, load
 from aggregator.cli.output import printable, show_limit, validation_message
 from aggregator.config import AggregatorConfig
-from aggregator.limits import LimitsFeed, delete_limit, write_limit
+from aggregator.limits import delete_limit, load_policies, write_limit
 from aggregator.state import Limits
 from schemas._types import Identifier
 from schemas.limits import QuotaLimit
@@ -34,15 +34,7 @@ def tenant_or_default(tenant: str | None, default: bool) -> str | None:
 
 
 async def read_limits(config: AggregatorConfig) -> Limits:
-    limits = Limits()
-
-    async def ignore(_: str | None) -> None:
-        return None
-
-    feed = LimitsFeed(config, limits, on_change=ignore)
-    await feed.start()
-    await feed.stop()
-    return limits
+    return await load_policies(config.connection, config.topics.limits)
 
 
 @click.group(cls=Group)
