@@ -15,6 +15,7 @@ from aggregator.cli.options import deployment_options
 from aggregator.cli.output import printable
 from aggregator.cli.prices import prices
 from aggregator.cli.serve import aggregator, verify
+from aggregator.cli.simulate import simulate
 from aggregator.cli.totals import replay, usage
 
 DISTRIBUTION = "tokenguard-stream"
@@ -55,7 +56,7 @@ def tokenguard() -> None:
     """
 
 
-for command in (aggregator, verify, limits, prices, usage, replay, topics, acls):
+for command in (aggregator, verify, limits, prices, usage, replay, simulate, topics, acls):
     tokenguard.add_command(command)
 
 
