@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from schemas.limits import QuotaLimit
 from schemas.notices import Heartbeat, QuotaNotice
+from schemas.policy import QuotaRule
 from schemas.prices import ModelPrice
 from schemas.totals import TotalsRecord
 from schemas.usage import UsageEvent
@@ -22,6 +23,7 @@ MODELS: dict[str, type[BaseModel]] = {
     "quota_limit": QuotaLimit,
     "totals_record": TotalsRecord,
     "model_price": ModelPrice,
+    "quota_rule": QuotaRule,
 }
 
 

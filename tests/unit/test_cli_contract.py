@@ -387,7 +387,9 @@ def test_the_commands_flag_wins_over_the_roots_over_the_environment(
 # Arguments of one operation: no environment variable may change what a command does to the data.
 OPERATION_ARGUMENTS = {"help", "version", "tenant", "default", "tokens", "period", "warning_ratio", "as_json", "since",
                        "agent", "aggregator", "operator", "apply", "model", "input_", "output", "currency", "cached_input",
-                       "reasoning", "effective_from", "rules_file"}
+                       "reasoning", "effective_from", "rules_file",
+                       "rule", "limit_", "window", "rate", "timezone", "measure", "input_weight", "output_weight",
+                       "unknown_model", "user", "attributes", "thresholds", "action"}
 # Settings only the environment sets: secrets never go on a command line (ps shows it).
 ENVIRONMENT_ONLY = {"security_protocol", "sasl_mechanism", "sasl_username", "sasl_password", "ssl_cafile",
                     "ssl_certfile", "ssl_keyfile", "ssl_password"}
