@@ -28,6 +28,11 @@ class QuotaExceededError(TokenGuardError, RuntimeError):
         retry_after_s: Seconds until the period key's window ends (the key changes and the tenant
             starts afresh); None when unknown (a custom period key function) or when the refusal
             does not end with the window (too many calls in flight, quota state unavailable).
+        rules: For a refusal by quota rules (``reason`` ``rule_exceeded``, or ``unpriced_model`` for
+            a cost rule that cannot price the call's model): one dict per refusing rule with
+            ``rule``, ``window`` (its counter key), ``measure``, ``used``, ``limit``,
+            ``remaining``, ``retry_after_s`` and ``action``; ``used``/``limit`` above are the
+            first one's, ``source`` is ``rule``, ``retry_after_s`` the longest wait. None otherwise.
         alert: The alert payload with every field above (what ``on_quota_exceeded`` receives when
             the middleware is built with ``alert_details=True``).
 
@@ -48,6 +53,7 @@ class QuotaExceededError(TokenGuardError, RuntimeError):
         reason: str | None = None,
         retry_after_s: float | None = None,
         alert: dict[str, Any] | None = None,
+        rules: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(message)
         self.tenant_id = tenant_id
@@ -60,6 +66,7 @@ class QuotaExceededError(TokenGuardError, RuntimeError):
         self.reason = reason
         self.retry_after_s = retry_after_s
         self.alert = alert
+        self.rules = rules
 
 
 class PublisherError(TokenGuardError):

@@ -17,12 +17,15 @@ import logging
 import secrets
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from datetime import datetime
 
 from producer.config import ProducerConfig
 from producer.errors import UsageSpoolFullError
+from producer.inflight import Reservation
 from producer.limits_feed import LimitsFeed, LimitsTable
 from producer.notices_feed import NoticesFeed
 from producer.publisher import UsagePublisher
+from producer.rule_gate import ALLOWED, Reserve, RuleGate, RuleView, Verdict
 from producer.snapshot import STALE_REASON, QuotaSnapshot, judge_stale
 from producer.store import CallUsage, Decision, LimitSource, draft_of
 from producer.validation import check_attributes, check_call_keys, fit_usage
@@ -66,6 +69,10 @@ class KafkaQuotaStore:
         self.config = config
         self.limits = LimitsFeed(config, LimitsTable())
         self.snapshot = QuotaSnapshot(self.limits.table)
+        self.rules = RuleGate(self.limits.rules, self.snapshot)
+        # Per event whose call a rule counted: (counter, amount) of each, until Kafka acknowledges it.
+        self._rule_spend: dict[str, list[tuple[str, int]]] = {}
+        self._crossed: list[RuleView] = []
         self.publisher = UsagePublisher(config, on_delivered=self._delivered)
         self._spool = self.publisher.spool
         self.feed = NoticesFeed(config, self.snapshot)
@@ -173,16 +180,56 @@ class KafkaQuotaStore:
 
     def record(self, usage: CallUsage) -> int:
         usage = fit_usage(usage)
-        self.publisher.publish(self.draft(usage))
-        self.snapshot.add_local(usage.tenant_id, usage.period_key, usage.total_tokens)
-        return self.snapshot.used(usage.tenant_id, usage.period_key)
+        draft = self.draft(usage)
+        self.publisher.publish(draft)
+        tenant_id = usage.tenant_id
+        self.snapshot.add_local(tenant_id, usage.period_key, usage.total_tokens)
+        if self.rules.applies(tenant_id):
+            spent, crossed = self.rules.spend(tenant_id, usage, self._attributes, usage.event_time)
+            if spent:
+                if len(self._rule_spend) >= 100_000:  # acknowledgements lost: keep counting them as unacked
+                    self._rule_spend.clear()
+                self._rule_spend[draft.event_id] = spent
+            self._crossed = crossed
+        return self.snapshot.used(tenant_id, usage.period_key)
+
+    def rules_apply(self, tenant_id: str) -> bool:
+        """Whether any quota rule can match a call of ``tenant_id`` (cheap; asked on every call)."""
+        return self.rules.applies(tenant_id)
+
+    def admit_rules(self, tenant_id: str, reserve: Reserve, now: datetime) -> Verdict:
+        """Whether every quota rule matching the call has room for it (``RuleGate.admit``); the
+        reservations held on success go back with ``release_rules``."""
+        if not self.rules.applies(tenant_id):
+            return ALLOWED
+        return self.rules.admit(tenant_id, reserve, self._attributes, now)
+
+    def release_rules(self, holds: tuple[Reservation, ...]) -> None:
+        self.rules.release(holds)
+
+    def rule_views(self, tenant_id: str, model: str | None, now: datetime) -> list[RuleView]:
+        """Every rule matching a call of ``model`` now, as it stands (for ``headroom``)."""
+        if not self.rules.applies(tenant_id):
+            return []
+        return self.rules.views(tenant_id, model, self._attributes, now)
+
+    def take_crossed(self) -> list[RuleView]:
+        """The rules whose thresholds the last ``record`` crossed (then forgotten)."""
+        crossed, self._crossed = self._crossed, []
+        return crossed
 
     def draft(self, usage: CallUsage) -> UsageDraft:
         """The usage event this store publishes for ``usage`` (given as ``record`` has fitted it)."""
         return draft_of(usage, f"{self._id_prefix}{next(self._sequence):012x}", self.config.instance_id, self._attributes)
 
     def _delivered(self, event: UsageLike, partition: int, offset: int) -> None:
-        self.snapshot.acknowledged(event.tenant_id, event.period_key, event.total_tokens, partition, offset)
+        snapshot = self.snapshot
+        snapshot.acknowledged(event.tenant_id, event.period_key, event.total_tokens, partition, offset)
+        spent = self._rule_spend.pop(event.event_id, None) if self._rule_spend else None
+        if spent:
+            for counter, amount in spent:
+                if snapshot.holds(event.tenant_id, counter):  # not an ended window already dropped
+                    snapshot.acknowledged(event.tenant_id, counter, amount, partition, offset)
 
 
 async def _start_all(*starts: Awaitable[None]) -> None:

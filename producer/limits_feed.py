@@ -24,7 +24,8 @@ from aiokafka.structs import ConsumerRecord
 from producer.config import ProducerConfig
 from schemas.errors import DecodeError
 from schemas.periods import period_kind
-from schemas.rules import TenantLimit, applicable, read_limit_record
+from schemas.rulebook import RuleBook
+from schemas.rules import LimitRecord, RuleRecord, TenantLimit, applicable, read_policy_record
 from transport.follower import TopicFollower
 
 log = logging.getLogger(__name__)
@@ -79,10 +80,12 @@ class LimitsTable:
 
 
 class LimitsFeed:
-    """Keeps a ``LimitsTable`` current with the limits topic."""
+    """Keeps a ``LimitsTable`` (tenant limits) and a ``RuleBook`` (quota rules and prices) current
+    with the limits topic."""
 
-    def __init__(self, config: ProducerConfig, table: LimitsTable) -> None:
+    def __init__(self, config: ProducerConfig, table: LimitsTable, rules: RuleBook | None = None) -> None:
         self.table = table
+        self.rules = rules if rules is not None else RuleBook()
         self._follower = TopicFollower(
             config.connection,
             config.topics.limits,
@@ -111,7 +114,8 @@ class LimitsFeed:
         """Return once the topic is read to where it ended at start (or ``catch_up_timeout_s``
         passed: logged, and following goes on); then follow changes."""
         await self._follower.start()
-        log.info("limits loaded: %d tenants, default %s", len(self.table.per_tenant), self.table.default)
+        log.info("limits loaded: %d tenants, default %s; %d rules, %d prices", len(self.table.per_tenant),
+                 self.table.default, len(self.rules), len(self.rules.prices))
 
     async def stop(self) -> None:
         """Idempotent."""
@@ -129,14 +133,24 @@ class LimitsFeed:
         await self._follower.wait_until(lambda: predicate(self.table), timeout)
 
     async def _take(self, records: list[ConsumerRecord]) -> None:
-        table = self.table
+        table, rules = self.table, self.rules
         for record in records:
             try:
-                tenant_id, limit = read_limit_record(record.key, record.value)
+                change = read_policy_record(record.key, record.value)
             except DecodeError as exc:
                 self._follower.skip(partition=record.partition, offset=record.offset, reason=exc.reason, detail=exc.detail)
                 continue
-            if limit is None:
-                table.delete(tenant_id)
+            if isinstance(change, LimitRecord):
+                if change.limit is None:
+                    table.delete(change.tenant_id)
+                else:
+                    table.set(change.tenant_id, TenantLimit.of(change.limit))
+            elif isinstance(change, RuleRecord):
+                if change.rule is None:
+                    rules.delete(change.tenant_id, change.name)
+                else:
+                    rules.set(change.rule)
+            elif change.price is None:
+                rules.prices.delete(change.model, change.effective_from)
             else:
-                table.set(tenant_id, TenantLimit.of(limit))
+                rules.prices.set(change.price)

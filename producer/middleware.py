@@ -17,6 +17,7 @@ from producer.estimate import estimate_input_tokens, tokens_for_chars
 from producer.inflight import InFlight, Reservation
 from producer.periods import month_key
 from producer.records import quota_alert, usage_record
+from producer.rule_gate import Reserve, RuleView, Verdict
 from producer.snapshot import STALE_REASON
 from producer.store import (
     CallUsage,
@@ -137,6 +138,12 @@ class TokenGuardMiddleware(ChatMiddleware):
         # referenced until done, so the loop does not collect them mid-flight.
         self._abandoned: set[asyncio.Future[Any]] = set()
         self._backend = as_backend(quota_store)
+        # Quota rules, when the store has them (``KafkaQuotaStore``); a seed store has none.
+        self._rules_apply: Callable[[str], bool] | None = getattr(self._backend, "rules_apply", None)
+        self._admit_rules: Callable[..., Verdict] | None = getattr(self._backend, "admit_rules", None)
+        self._release_rules: Callable[[tuple[Reservation, ...]], None] | None = getattr(
+            self._backend, "release_rules", None)
+        self._take_crossed: Callable[[], list[RuleView]] | None = getattr(self._backend, "take_crossed", None)
         self._in_flight = InFlight()
         self._warned: set[tuple[str, str]] = set()
         self._valid_keys: set[tuple[str, str]] = set()
@@ -155,6 +162,9 @@ class TokenGuardMiddleware(ChatMiddleware):
             decision = self._judge_in_flight(key, decision, context, input_estimate)
         if not decision.allowed:
             await self._refuse(tenant_id, period_key, decision)
+        holds: tuple[Reservation, ...] = ()
+        if not decision.final and self._rules_apply is not None and self._rules_apply(tenant_id):
+            holds = await self._judge_rules(tenant_id, period_key, context, input_estimate)
 
         reservation = None
         if self.reserve_in_flight and not decision.final:
@@ -169,7 +179,7 @@ class TokenGuardMiddleware(ChatMiddleware):
 
         def record(details: dict[str, Any], model: str | None, output_estimate: Callable[[], int], streaming: bool) -> Any:
             counts = settle_counts(details, input_estimate=estimate_input, output_estimate=output_estimate)
-            return self._record(tenant_id, period_key, decision.limit, reservation, counts, model, streaming)
+            return self._record(tenant_id, period_key, decision.limit, reservation, holds, counts, model, streaming)
 
         if context.stream:
             usage = StreamUsage(lambda d, m, o: record(d, m, o, True))
@@ -177,7 +187,7 @@ class TokenGuardMiddleware(ChatMiddleware):
             try:
                 await call_next()
             except BaseException:
-                self._release(reservation)
+                self._release(reservation, holds)
                 raise
             usage.watch(context.result)
             return
@@ -185,7 +195,7 @@ class TokenGuardMiddleware(ChatMiddleware):
         try:
             await call_next()
         finally:
-            self._release(reservation)
+            self._release(reservation, holds)
         result = context.result
         if result is not None:
             # Without (usable) provider counts the event carries an estimate, flagged, rather than nothing.
@@ -222,6 +232,58 @@ class TokenGuardMiddleware(ChatMiddleware):
                 self.stats.max_tokens_clamped += 1
         return decision
 
+    async def _judge_rules(
+        self, tenant_id: str, period_key: str, context: ChatContext, input_estimate: int
+    ) -> tuple[Reservation, ...]:
+        """Every quota rule matching the call must have room for its reservation (refused
+        otherwise); with ``clamp_max_tokens``, ``max_tokens`` is also held to the tightest token
+        rule's headroom. Returns the reservations the rules hold while the call runs."""
+        assert self._admit_rules is not None
+        options = context.options if context.options is not None else {}
+        max_tokens = options.get("max_tokens")
+        output = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else self.default_max_tokens
+        if not input_estimate:
+            input_estimate = estimate_input_tokens(context.messages)
+        model = options.get("model_id") or getattr(context.client, "model_id", None)
+        reserve = Reserve(model if isinstance(model, str) else None, input_estimate, output, input_estimate + output)
+        verdict = self._admit_rules(tenant_id, reserve, datetime.now(UTC))
+        if not verdict.allowed:
+            await self._refuse_rules(tenant_id, period_key, verdict)
+        if self.clamp_max_tokens:
+            room = [view.limit - view.used - (input_estimate if view.measure == "total_tokens" else 0)
+                    for view in verdict.views if view.blocks and view.measure in ("total_tokens", "output_tokens")]
+            if room and (not isinstance(max_tokens, int) or max_tokens > min(room)):
+                context.options = {**options, "max_tokens": max(1, min(room))}
+                self.stats.max_tokens_clamped += 1
+        return verdict.holds
+
+    async def _refuse_rules(self, tenant_id: str, period_key: str, verdict: Verdict) -> None:
+        self.stats.blocked += 1
+        first = verdict.refused[0]
+        rules = [view.as_dict() for view in verdict.refused]
+        retry_after_s = max(view.retry_after_s for view in verdict.refused) if verdict.reason == "rule_exceeded" else None
+        payload = quota_alert(tenant_id, period_key, first.used, first.limit)
+        payload["reason"] = verdict.reason
+        detailed = {
+            **payload,
+            "limit_source": "rule",
+            "period_kind": self._window(period_key)[0],
+            "remaining_tokens": first.remaining,
+            "retry_after_s": retry_after_s,
+            "rule": first.name,
+            "window": first.counter,
+            "rules": rules,
+        }
+        if self.on_quota_exceeded is not None:
+            await self._call_back(self.on_quota_exceeded, dict(detailed) if self.alert_details else payload)
+        names = ", ".join(view.name for view in verdict.refused)
+        raise QuotaExceededError(
+            f"Quota exceeded for user={tenant_id}. Used={first.used}, quota={first.limit} (rule {names})",
+            tenant_id=tenant_id, period_key=period_key, period_kind=detailed["period_kind"], used=first.used,
+            limit=first.limit, remaining=first.remaining, source="rule", reason=verdict.reason,
+            retry_after_s=retry_after_s, alert=detailed, rules=rules,
+        )
+
     async def _refuse(self, tenant_id: str, period_key: str, decision: Decision) -> None:
         self.stats.blocked += 1
         kind, retry_after_s = self._window(period_key)
@@ -255,7 +317,7 @@ class TokenGuardMiddleware(ChatMiddleware):
             alert=detailed,
         )
 
-    def headroom(self, tenant_id: str | None = None, period_key: str | None = None) -> Headroom:
+    def headroom(self, tenant_id: str | None = None, period_key: str | None = None, *, model: str | None = None) -> Headroom:
         """What ``tenant_id`` may still spend in ``period_key``, as this process sees it now: for an
         agent to plan (size ``max_tokens``, defer work until ``retry_after_s``). Works with every
         store (a seed ``QuotaStore`` too). No side effects, no network.
@@ -264,6 +326,7 @@ class TokenGuardMiddleware(ChatMiddleware):
             tenant_id: Default: the enclosing ``tenant_scope``, else ``"anonymous"`` (as the default
                 ``user_id_getter`` decides without a context).
             period_key: Default: ``period_key_fn()``, the key a call made now would count against.
+            model: The model the call would use, for quota rules that select by model.
         """
         if tenant_id is None:
             tenant_id = current_tenant() or "anonymous"
@@ -283,6 +346,10 @@ class TokenGuardMiddleware(ChatMiddleware):
             state = "warning"
         else:
             state = "ok"
+        rule_views = getattr(self._backend, "rule_views", None)
+        rules = tuple(rule_views(tenant_id, model, datetime.now(UTC))) if callable(rule_views) else ()
+        if state != "unavailable" and any(view.blocks and view.used >= view.limit for view in rules):
+            state = "exceeded"
         kind, retry_after_s = self._window(period_key)
         return Headroom(
             tenant_id=tenant_id,
@@ -294,6 +361,7 @@ class TokenGuardMiddleware(ChatMiddleware):
             state=state,
             source=self._source(tenant_id, period_key),
             retry_after_s=retry_after_s,
+            rules=rules,
         )
 
     def _source(self, tenant_id: str, period_key: str) -> LimitSource | None:
@@ -314,9 +382,11 @@ class TokenGuardMiddleware(ChatMiddleware):
         retry_after_s = seconds_until_end(period_key, kind=kind, tz=tz) if kind is not None else None
         return (kind if retry_after_s is not None else period_kind(period_key)), retry_after_s
 
-    def _release(self, reservation: Reservation | None) -> None:
+    def _release(self, reservation: Reservation | None, holds: tuple[Reservation, ...] = ()) -> None:
         if reservation is not None:
             self._in_flight.release(reservation)
+        if holds and self._release_rules is not None:
+            self._release_rules(holds)
 
     def _record(
         self,
@@ -324,6 +394,7 @@ class TokenGuardMiddleware(ChatMiddleware):
         period_key: str,
         limit: int,
         reservation: Reservation | None,
+        holds: tuple[Reservation, ...],
         counts: Counts,
         model: Any,
         streaming: bool,
@@ -348,7 +419,7 @@ class TokenGuardMiddleware(ChatMiddleware):
             estimated=estimated,
         )
         used_after = self._backend.record(usage)
-        self._release(reservation)
+        self._release(reservation, holds)
         if estimated:
             self.stats.estimated += 1
         pending: list[Awaitable[Any]] = []
@@ -363,6 +434,12 @@ class TokenGuardMiddleware(ChatMiddleware):
                 payload = quota_alert(tenant_id, period_key, used_after, limit)
                 payload["reason"] = "quota_warning"
                 self._call_sync(self.on_quota_warning, payload, pending)
+        if self._take_crossed is not None:
+            for view in self._take_crossed():
+                if self.on_quota_warning is not None:
+                    payload = quota_alert(tenant_id, period_key, view.used, view.limit)
+                    payload["reason"] = "rule_limit_reached" if view.used >= view.limit else "rule_threshold"
+                    self._call_sync(self.on_quota_warning, {**payload, **view.as_dict()}, pending)
         return self._await_all(pending) if pending else None
 
     def _call_sync(self, callback: UsageCallback, payload: dict[str, Any], pending: list[Awaitable[Any]]) -> None:

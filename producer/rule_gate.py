@@ -59,9 +59,13 @@ class Reserve(NamedTuple):
 
 
 class Verdict(NamedTuple):
+    """``refused``: the blocking rules without room (empty when allowed); ``views``: every rule
+    that matched; ``holds``: the reservations taken when allowed."""
+
     allowed: bool
     refused: tuple[RuleView, ...]
     holds: tuple[Reservation, ...]
+    views: tuple[RuleView, ...] = ()
     reason: str = "rule_exceeded"
 
 
@@ -105,6 +109,7 @@ class RuleGate:
         self._expire(ts)
         refused: list[RuleView] = []
         unpriced: list[RuleView] = []
+        views: list[RuleView] = []
         wanted = []
         for rule in rules:
             own = rule.amount(reserve, self.book.prices, now)
@@ -117,25 +122,38 @@ class RuleGate:
                 view = self.view(rule, tenant_id, ts, own)
                 if rule.blocks and (view.used >= rule.limit or view.used + own > rule.limit):
                     refused.append(view)
+            views.append(view)
             wanted.append(((tenant_id, view.counter), own))
         if refused:
-            return Verdict(False, tuple(refused), ())
+            return Verdict(False, tuple(refused), (), tuple(views))
         if unpriced:
-            return Verdict(False, tuple(unpriced), (), "unpriced_model")
-        return Verdict(True, (), tuple(self._in_flight.reserve(key, own) for key, own in wanted))
+            return Verdict(False, tuple(unpriced), (), tuple(views), "unpriced_model")
+        return Verdict(True, (), tuple(self._in_flight.reserve(key, own) for key, own in wanted), tuple(views))
 
     def release(self, holds: tuple[Reservation, ...]) -> None:
         for hold in holds:
             self._in_flight.release(hold)
 
-    def spend(self, tenant_id: str, usage: Measured, attributes: dict[str, str], when: datetime) -> list[tuple[str, int]]:
-        """Count a finished call locally in every rule it matches; (counter, amount) of each, for
-        the acknowledgement."""
-        counters = self.book.counters(tenant_id, usage, attributes, when)
-        for counter, amount in counters:
-            self.snapshot.add_local(tenant_id, counter, amount)
+    def spend(self, tenant_id: str, usage: Measured, attributes: dict[str, str],
+              when: datetime) -> tuple[list[tuple[str, int]], list[RuleView]]:
+        """Count a finished call locally in every rule it matches (as the aggregator will count
+        it). Returns (counter, amount) of each, for the acknowledgement, and the rules whose
+        thresholds (or limit) this call crossed, for warnings."""
+        ts = when.timestamp()
+        spent: list[tuple[str, int]] = []
+        crossed: list[RuleView] = []
+        snapshot = self.snapshot
+        for rule in self.book.matching(tenant_id, usage.model, attributes, ts):
+            amount = rule.amount(usage, self.book.prices, when) or 0
+            counter, _ = rule.counter(ts)
+            before = snapshot.used(tenant_id, counter)
+            snapshot.add_local(tenant_id, counter, amount)
             self._track(tenant_id, counter)
-        return counters
+            spent.append((counter, amount))
+            after = before + amount
+            if rule.level(after) > rule.level(before) or before < rule.limit <= after:
+                crossed.append(self.view(rule, tenant_id, ts))
+        return spent, crossed
 
     def views(self, tenant_id: str, model: str | None, attributes: dict[str, str], now: datetime) -> list[RuleView]:
         """Every rule matching a call of ``model`` now, as it stands (for ``headroom``)."""

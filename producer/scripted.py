@@ -51,6 +51,7 @@ class ScriptedChatClient(ChatMiddlewareLayer, FunctionInvocationLayer, BaseChatC
     ) -> None:
         super().__init__(**kwargs)
         self.model = model
+        self.model_id = model  # where the middleware looks for the model before the call, as on real clients
         self.reply_words = reply_words
         self.latency_s = latency_s
         self._random = random.Random(seed)

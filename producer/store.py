@@ -67,6 +67,8 @@ class Headroom:
     unknown (``fail_closed``), ``warning`` at or past the middleware's ``warning_ratio``, else
     ``ok``. ``source``: see ``LimitSource`` (None for a custom backend that does not say).
     ``retry_after_s``: seconds until the period key's window ends; None when unknown.
+    ``rules``: every quota rule that matches such a call, each with its own used, limit,
+    remaining and ``retry_after_s`` (a blocking rule without room makes ``state`` ``exceeded``).
     """
 
     tenant_id: str
@@ -78,6 +80,7 @@ class Headroom:
     state: HeadroomState
     source: LimitSource | None
     retry_after_s: float | None
+    rules: tuple[RuleView, ...] = ()
 
 
 # What a store adds to what the middleware read: the event's identity and origin, in ``draft_of``'s
@@ -94,6 +97,9 @@ _CALL_USAGE_DOC = """What one finished call spent, as the middleware read it fro
 ``UsageEvent``'s fields less those a store adds (``STORE_FIELDS``), generated from the model
 (``schemas.usage.plain_class``): keyword arguments, the model's defaults, nothing validated.
 """
+
+if TYPE_CHECKING:
+    from producer.rule_gate import RuleView
 
 if TYPE_CHECKING:
     # Generated, so a type checker cannot know its fields; tests/unit/test_usage_type.py does.
