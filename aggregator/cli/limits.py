@@ -257,9 +257,10 @@ LIMIT_FLAGS = ("--tokens", "--period", "--warning-ratio")
               help="cost: a model without a price is priced at model '*' (default) or its calls refused "
                    "(refuse) [default: default]")
 @click.option("--model", help="count only calls of this model")
-@click.option("--user", help="count only calls of this user: the selector user=U on the event's attributes, "
-                             "where the middleware puts the user")
-@click.option("--agent", help="count only calls of this agent: the selector agent=A on the event's attributes")
+@click.option("--user", help="count only calls of this user: the selector user=U (events carry the user in "
+                             "their attributes, under 'user')")
+@click.option("--agent", help="count only calls of this agent: the selector agent=A (events carry the agent in "
+                              "their attributes, under 'agent')")
 @click.option("--attribute", "attributes", multiple=True, metavar="KEY=VALUE",
               help="count only calls whose event attributes include this (repeatable, all must match)")
 @click.option("--threshold", "thresholds", multiple=True, type=float, metavar="RATIO",
@@ -345,9 +346,10 @@ def set_rule(ctx: click.Context, tenant_id: str | None, name: str, *, given_limi
 
     async def write() -> int:
         chosen = quota_rule
-        if effective_from is None:
+        if effective_from is None:  # from now, not from before the probe and the read of the topic
             _, rules, _ = await read_policies(config)
-            chosen = kept_effective_from(quota_rule, rules.get((tenant_id, name)))
+            fresh = quota_rule.model_copy(update={"effective_from": new_effective_from(datetime.now(UTC))})
+            chosen = kept_effective_from(fresh, rules.get((tenant_id, name)))
         await write_rule(config.connection, config.topics, chosen)
         print(f"set {show_rule(chosen)}")
         return EXIT_OK
