@@ -44,6 +44,7 @@ class Totals:
     limit: int = 0
     state: QuotaState = "ok"
     event_quota: int | None = None
+    level: int = 0  # a rule counter's thresholds reached, as last published (not in the changelog)
 
 
 def lowest_quota(held: int | None, carried: int) -> int:
@@ -90,6 +91,14 @@ class Limits:
             self.topic_default = None
         else:
             self.per_tenant.pop(tenant_id, None)
+
+    def level(self, tenant_id: str, period_key: str, used: int) -> int:
+        """How many thresholds of a rule counter's rule ``used`` has reached (0 for other keys)."""
+        parsed = parse_counter_key(period_key)
+        quota_rule = self.rules.governing(tenant_id, parsed[0]) if parsed else None
+        if quota_rule is None or parsed is None or quota_rule.basis != parsed[1]:
+            return 0
+        return quota_rule.level(used)
 
     def rule(self, tenant_id: str, period_key: str, event_quota: int | None) -> tuple[int, float] | None:
         """(limit, warning ratio) for one tenant-period; ``event_quota`` is the smallest quota its
@@ -230,6 +239,13 @@ class TotalsState:
             totals.state = state
             self._dirty.add(key)
             self._notify.setdefault(key, reason)
+        if key[1].startswith(COUNTER_PREFIX) and state != "exceeded":
+            # Each threshold of a rule is a notice of its own: every instance learns the used
+            # figure at each, which is what keeps the overshoot of a rate window small.
+            level = self.limits.level(key[0], key[1], totals.used)
+            if level > totals.level:
+                self._notify.setdefault(key, "threshold")
+            totals.level = level
 
     def reevaluate(self, tenant_id: str | None) -> None:
         """After a limit change: one tenant's keys, or every key when the default changed."""
