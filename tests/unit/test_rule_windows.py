@@ -157,6 +157,7 @@ def test_rate_window_value_and_end() -> None:
     assert spec.at(1_700_000_000) == ("60s@1699999980", 1_700_000_040.0)
     assert spec.at(1_700_000_039.999) == ("60s@1699999980", 1_700_000_040.0)
     assert spec.at(1_700_000_040) == ("60s@1700000040", 1_700_000_100.0)  # the end starts the next window
+    assert spec.at(1_700_000_039) == ("60s@1699999980", 1_700_000_040.0)
     assert spec.at(1_699_999_979.5) == ("60s@1699999920", 1_699_999_980.0)  # and backwards
 
 
@@ -219,12 +220,14 @@ def test_shared_specs_are_one_instance_per_kind_seconds_and_zone() -> None:
 @given(
     kind=st.sampled_from(["hour", "day", "week", "month", "year", "rate"]),
     zone=st.sampled_from(["UTC", "Europe/Paris", "America/New_York"]),
-    instants=st.lists(st.floats(min_value=utc(2023, 12, 25), max_value=utc(2025, 1, 7), allow_nan=False), min_size=1,
-                      max_size=20),
+    moments=st.lists(st.datetimes(min_value=datetime(2023, 12, 25), max_value=datetime(2025, 1, 7),
+                                  timezones=st.just(UTC)), min_size=1, max_size=20),
 )
-def test_cached_answers_equal_fresh_answers_in_any_order(kind: str, zone: str, instants: list[float]) -> None:
+def test_cached_answers_equal_fresh_answers_in_any_order(kind: str, zone: str, moments: list[datetime]) -> None:
+    """Instants as events carry them (datetimes, microsecond precision), in any order."""
     spec = WindowSpec.of(kind, 90 if kind == "rate" else None, zone)
-    for ts in instants:
+    for moment in moments:
+        ts = moment.timestamp()
         value, end = spec.at(ts)
         want, start, want_end = window(kind, zone, ts, 90 if kind == "rate" else None)
         assert (value, end) == (want, want_end)
