@@ -13,7 +13,7 @@ from producer.periods import day_key, month_key, seed_week_key, week_key
 from producer.publisher import UsagePublisher
 from producer.snapshot import QuotaSnapshot
 from producer.store import CallUsage, Decision, InMemoryQuotaStore, QuotaBackend, QuotaStore, UsageCallback
-from producer.tenancy import default_user_id_getter, tenant_scope
+from producer.tenancy import default_user_id_getter, tenant_scope, usage_scope
 from transport.admin import TopicMismatchError, ensure_topics
 
 __all__ = [
@@ -40,5 +40,6 @@ __all__ = [
     "month_key",
     "seed_week_key",
     "tenant_scope",
+    "usage_scope",
     "week_key",
 ]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from producer.config import ProducerConfig
-from producer.errors import UsageSpoolFullError
+from producer.errors import InvalidCallError, UsageSpoolFullError
 from producer.inflight import Reservation
 from producer.limits_feed import LimitsFeed, LimitsTable
 from producer.notices_feed import NoticesFeed
@@ -28,7 +28,8 @@ from producer.publisher import UsagePublisher
 from producer.rule_gate import ALLOWED, Reserve, RuleGate, RuleView, Verdict
 from producer.snapshot import STALE_REASON, QuotaSnapshot, judge_stale
 from producer.store import CallUsage, Decision, LimitSource, draft_of
-from producer.validation import check_attributes, check_call_keys, fit_usage
+from producer.tenancy import call_attributes
+from producer.validation import MAX_ATTRIBUTES, check_attributes, check_call_keys, fit_usage
 from schemas.wire import UsageDraft, UsageLike
 from transport.admin import ensure_topics
 
@@ -127,6 +128,8 @@ class KafkaQuotaStore:
                 f"Kafka is unreachable and the usage spool is full; call refused so its usage is not lost "
                 f"(spool {self.config.spool_dir})"
             )
+        if call_attributes():
+            self._attributes_now()  # too many with the store's: refused now, not after the call
         decision = self.snapshot.decide(tenant_id, period_key, quota_tokens)
         partition = self.publisher.partition_of(tenant_id)
         age = self.snapshot.heartbeat_age(partition)
@@ -180,12 +183,13 @@ class KafkaQuotaStore:
 
     def record(self, usage: CallUsage) -> int:
         usage = fit_usage(usage)
-        draft = self.draft(usage)
+        attributes = self._attributes_now()
+        draft = self.draft(usage, attributes)
         self.publisher.publish(draft)
         tenant_id = usage.tenant_id
         self.snapshot.add_local(tenant_id, usage.period_key, usage.total_tokens)
         if self.rules.applies(tenant_id):
-            spent, crossed = self.rules.spend(tenant_id, usage, self._attributes, usage.event_time)
+            spent, crossed = self.rules.spend(tenant_id, usage, attributes, usage.event_time)
             if spent:
                 if len(self._rule_spend) >= 100_000:  # acknowledgements lost: keep counting them as unacked
                     self._rule_spend.clear()
@@ -202,7 +206,7 @@ class KafkaQuotaStore:
         reservations held on success go back with ``release_rules``."""
         if not self.rules.applies(tenant_id):
             return ALLOWED
-        return self.rules.admit(tenant_id, reserve, self._attributes, now)
+        return self.rules.admit(tenant_id, reserve, self._attributes_now(), now)
 
     def release_rules(self, holds: tuple[Reservation, ...]) -> None:
         self.rules.release(holds)
@@ -211,16 +215,28 @@ class KafkaQuotaStore:
         """Every rule matching a call of ``model`` now, as it stands (for ``headroom``)."""
         if not self.rules.applies(tenant_id):
             return []
-        return self.rules.views(tenant_id, model, self._attributes, now)
+        return self.rules.views(tenant_id, model, self._attributes_now(), now)
 
     def take_crossed(self) -> list[RuleView]:
         """The rules whose thresholds the last ``record`` crossed (then forgotten)."""
         crossed, self._crossed = self._crossed, []
         return crossed
 
-    def draft(self, usage: CallUsage) -> UsageDraft:
-        """The usage event this store publishes for ``usage`` (given as ``record`` has fitted it)."""
-        return draft_of(usage, f"{self._id_prefix}{next(self._sequence):012x}", self.config.instance_id, self._attributes)
+    def _attributes_now(self) -> dict[str, str]:
+        """The store's attributes, with the enclosing ``usage_scope``'s over them."""
+        scoped = call_attributes()
+        if not scoped:
+            return self._attributes
+        merged = {**self._attributes, **scoped}
+        if len(merged) > MAX_ATTRIBUTES:
+            raise InvalidCallError(f"the store's attributes and usage_scope's make {len(merged)}, over {MAX_ATTRIBUTES}")
+        return merged
+
+    def draft(self, usage: CallUsage, attributes: dict[str, str] | None = None) -> UsageDraft:
+        """The usage event this store publishes for ``usage`` (given as ``record`` has fitted it),
+        carrying ``attributes`` (default: the store's own)."""
+        return draft_of(usage, f"{self._id_prefix}{next(self._sequence):012x}", self.config.instance_id,
+                        self._attributes if attributes is None else attributes)
 
     def _delivered(self, event: UsageLike, partition: int, offset: int) -> None:
         snapshot = self.snapshot

@@ -15,12 +15,12 @@ from aggregator.changelog import read_changelog
 from aggregator.config import AggregatorConfig
 from aggregator.limits import write_rule
 from aggregator.replay import replay
-from producer import KafkaQuotaStore, ProducerConfig, QuotaExceededError, TokenGuardMiddleware
+from producer import KafkaQuotaStore, ProducerConfig, QuotaExceededError, TokenGuardMiddleware, usage_scope
 from producer.scripted import ScriptedChatClient
 from schemas.policy import QuotaRule, parse_counter_key
 from schemas.prices import ModelPrice, price_key
-from schemas.wire import encode
-from tests.helpers import eventually, run_agent, running_aggregator, send_raw, verified
+from schemas.wire import decode_usage, encode
+from tests.helpers import eventually, read_topic, run_agent, running_aggregator, send_raw, verified
 from transport.admin import ensure_topics
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -204,3 +204,25 @@ async def test_a_rule_set_while_running_governs_every_instance(
         await eventually(lambda: all(s.snapshot.notice("shared", s.rules.view(
             s.rules.book.governing("shared", "calls"), "shared", datetime.now(UTC).timestamp()).counter)  # type: ignore[arg-type]
             is not None for s in (one, two)), timeout=10, what="both instances hold the aggregator's notice")
+
+
+async def test_a_rule_selects_calls_by_the_user_of_a_usage_scope(
+    producer_config: ProducerConfig, aggregator_config: AggregatorConfig
+) -> None:
+    """``--user alice``: alice's calls count against the rule, bob's (same tenant) do not."""
+    await set_rules(producer_config, rule("alice-cap", "team", 600, window="day", attributes={"user": "alice"}))
+    async with running_aggregator(aggregator_config), KafkaQuotaStore(producer_config, attributes={"region": "eu"}) as store:
+        agent = Agent(ScriptedChatClient(reply_words=30))
+        caller = Caller(store, "team")
+        with usage_scope(user="alice", agent="helper"):
+            refused = await caller.until_refused(agent)
+        assert refused.rules is not None and refused.rules[0]["rule"] == "alice-cap" and caller.spent <= 600
+        with usage_scope(user="bob"):
+            for _ in range(30):
+                await run_agent(agent, middleware=[caller.guard])
+        assert caller.spent > 1_000
+        await store.publisher.flush()
+        await verified(aggregator_config)
+    events = [decode_usage(r.value) for r in await read_topic(producer_config.connection, producer_config.topics.usage)]
+    assert {tuple(sorted(e.attributes.items())) for e in events} == {
+        (("agent", "helper"), ("region", "eu"), ("user", "alice")), (("region", "eu"), ("user", "bob"))}
