@@ -15,6 +15,7 @@ from aggregator.changelog import read_changelog
 from aggregator.config import AggregatorConfig
 from aggregator.limits import write_rule
 from aggregator.replay import replay
+from aggregator.simulate import simulate_topic
 from producer import KafkaQuotaStore, ProducerConfig, QuotaExceededError, TokenGuardMiddleware, usage_scope
 from producer.scripted import ScriptedChatClient
 from schemas.policy import QuotaRule, parse_counter_key
@@ -226,3 +227,31 @@ async def test_a_rule_selects_calls_by_the_user_of_a_usage_scope(
     events = [decode_usage(r.value) for r in await read_topic(producer_config.connection, producer_config.topics.usage)]
     assert {tuple(sorted(e.attributes.items())) for e in events} == {
         (("agent", "helper"), ("region", "eu"), ("user", "alice")), (("region", "eu"), ("user", "bob"))}
+
+
+async def test_the_simulator_matches_what_the_live_fleet_did(
+    producer_config: ProducerConfig, aggregator_config: AggregatorConfig
+) -> None:
+    """The fleet runs under a daily rule of 2,000 tokens through the real middleware until refused.
+    Simulated on the usage topic it produced: the enforced rule refuses nothing (the live fleet
+    stopped at the limit) and counts what the aggregator counted; a rule half as tight refuses
+    exactly the calls after the one that crossed 1,000, in order."""
+    enforced = rule("daily", "sim", 2_000, window="day")
+    await set_rules(producer_config, enforced)
+    calls: list[int] = []
+    async with running_aggregator(aggregator_config), KafkaQuotaStore(producer_config) as store:
+        caller = Caller(store, "sim")
+        caller.guard.on_usage = lambda record: calls.append(int(record["total_tokens"]))
+        await caller.until_refused(Agent(ScriptedChatClient(reply_words=(10, 60), seed=7)))
+        await store.publisher.flush()
+        await verified(aggregator_config)
+    live = await simulate_topic(producer_config.connection, producer_config.topics, [enforced])
+    [outcome] = live.outcomes
+    assert outcome.refused_calls == 0 and outcome.over_calls == 0 and live.events == len(calls)
+    records = await read_changelog(aggregator_config.connection, aggregator_config.topics.totals)
+    assert [w.used for w in outcome.windows.values()] == [counters(records, "sim")["daily"]] == [sum(calls)]
+    tighter = await simulate_topic(producer_config.connection, producer_config.topics,
+                                   [rule("daily", "sim", 1_000, window="day")])
+    crossing = next(i for i in range(len(calls)) if sum(calls[: i + 1]) >= 1_000)
+    assert tighter.refused_calls == len(calls) - crossing - 1
+    assert tighter.refused_tokens == sum(calls[crossing + 1:])
