@@ -26,6 +26,14 @@ from aggregator.state import Limits, Outcome, TotalsState
 from schemas.policy import QuotaRule
 from schemas.usage import UsageEvent
 
+
+def head() -> str:
+    """The commit measured (the working tree may differ: say so when it does)."""
+    import subprocess
+
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+
 RULE_COUNTS = (0, 1, 3)
 WINDOWS = ("day", "month", "hour")
 EPOCH = datetime(2020, 1, 1, tzinfo=UTC)
@@ -92,7 +100,7 @@ def main(count: int, tenants: int, rounds: int) -> None:
     print(f"\n{count:,} events over {tenants:,} tenants, {rounds} rounds; each rule adds {per_rule:.2f} us per event "
           "(pure TotalsState.apply, events pre-decoded)")
     figures = {
-        "bench": "rules_aggregator", "events": count, "tenants": tenants, "rounds": rounds,
+        "bench": "rules_aggregator", "commit": head(), "events": count, "tenants": tenants, "rounds": rounds,
         "scope": "TotalsState.apply only, pre-decoded events, default rules",
         **{f"{name}_eps": round(med[name]) for name in names},
         **{f"{name}_us_per_event": round(us[name], 3) for name in names},

@@ -34,6 +34,14 @@ from schemas.policy import QuotaRule, rule_key
 from schemas.topics import TopicLayout
 from schemas.wire import encode
 
+
+def head() -> str:
+    """The commit measured (the working tree may differ: say so when it does)."""
+    import subprocess
+
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+
 SCRIPT = str(Path(__file__).resolve())
 RESULTS = REPO / "bench" / "results" / "rules_catchup.json"
 TOP = 12
@@ -158,7 +166,7 @@ async def main(tenants: int, rounds: int) -> None:
         return round(median([r[field] for r in results[(name, traced)]]), 3)
 
     summary: dict[str, object] = {
-        "bench": "rules_catchup", "tenants": tenants, "rules_per_tenant": 1, "rounds": rounds,
+        "bench": "rules_catchup", "commit": head(), "tenants": tenants, "rules_per_tenant": 1, "rounds": rounds,
         "start_s": med("rules", False, "start_s"),
         "start_s_empty": med("empty", False, "start_s"),
         "rss_delta_mb": med("rules", False, "rss_delta_mb"),

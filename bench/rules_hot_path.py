@@ -40,6 +40,14 @@ from producer import KafkaConnection, KafkaQuotaStore, ProducerConfig, TokenGuar
 from producer.scripted import ScriptedChatClient
 from schemas.policy import QuotaRule
 
+
+def head() -> str:
+    """The commit measured (the working tree may differ: say so when it does)."""
+    import subprocess
+
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+
 RULE_COUNTS = (0, 1, 10, 100)
 WINDOWS = ("hour", "day", "week", "month", "year")
 EPOCH = datetime(2020, 1, 1, tzinfo=UTC)
@@ -137,7 +145,7 @@ async def main(rounds: int, calls: int) -> None:
                   f"{own_cpu[name]:.1f} us | {ratio_cpu[name]:.2f} |")
     print(f"\nmarginal cost per matching rule = (rules_100 - rules_0) / 100 = {per_rule:.2f} us")
     figures = {
-        "bench": "rules_hot_path", "rounds": rounds, "calls_per_round": calls, "rules_source": "RuleBook.set (not the topic)",
+        "bench": "rules_hot_path", "commit": head(), "rounds": rounds, "calls_per_round": calls, "rules_source": "RuleBook.set (not the topic)",
         **{f"{name}_us": round(med[name], 2) for name in names},
         **{f"{name}_own_us": round(own[name], 2) for name in own},
         **{f"{name}_ratio_to_1": round(ratio[name], 3) for name in own},
