@@ -19,7 +19,7 @@ from aggregator.intake import fingerprint, identity
 from schemas.limits import QuotaLimit
 from schemas.notices import QuotaState
 from schemas.policy import COUNTER_PREFIX, parse_counter_key
-from schemas.rulebook import RuleBook
+from schemas.rulebook import RuleBook, reached_at
 from schemas.rules import applicable
 from schemas.totals import TotalsRecord
 from schemas.usage import UsageEvent
@@ -58,7 +58,7 @@ def lowest_quota(held: int | None, carried: int) -> int:
 def classify(used: int, limit: int, warning_ratio: float) -> QuotaState:
     if used >= limit:
         return "exceeded"
-    if used >= limit * warning_ratio:
+    if used >= reached_at(limit, warning_ratio):
         return "warning"
     return "ok"
 

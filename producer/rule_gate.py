@@ -91,6 +91,8 @@ class RuleGate:
         key = (tenant_id, counter)
         used = self.snapshot.used(tenant_id, counter) + self._in_flight.tokens(key)
         notice = self.snapshot.notice(tenant_id, counter)
+        if notice is not None:
+            self._track(tenant_id, counter)  # known from a notice only: expired like our own
         if notice is not None and notice.state == "exceeded" and notice.limit_tokens == rule.limit:
             used = max(used, rule.limit)
         return RuleView(

@@ -25,6 +25,7 @@ from typing import Literal, Protocol, get_args
 
 from producer.store import Decision, LimitSource
 from schemas.notices import Heartbeat, QuotaNotice
+from schemas.policy import COUNTER_PREFIX
 
 StalePolicy = Literal["keep_known", "local_only", "fail_open", "fail_closed"]
 STALE_POLICIES: tuple[str, ...] = get_args(StalePolicy)
@@ -207,6 +208,11 @@ class QuotaSnapshot:
         entry = self._entries.get((tenant_id, period_key))
         if entry is not None:
             entry.notice = None
+            if not entry.local() and not entry.acked and period_key.startswith(COUNTER_PREFIX):
+                # A rule counter's notice removed by its aggregator (an ended rate window): with
+                # no spend of ours in it, nothing is left to know; every instance holds every
+                # tenant's notices, so this is what bounds their memory.
+                del self._entries[(tenant_id, period_key)]
 
     def drop(self, tenant_id: str, period_key: str) -> None:
         """Forget a tenant-period (an ended rate window of a rule): its notice and local spend."""

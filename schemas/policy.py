@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from datetime import datetime
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -100,13 +101,23 @@ class QuotaRule(BaseModel):
 
     @property
     def basis(self) -> str:
-        """Six hex digits naming what this rule counts (not its limit, thresholds or action)."""
-        counted = [
+        """Six hex digits naming what this rule counts (not its limit, thresholds or action).
+        Rules that count alike share one string (100,000 tenants' daily rules: one)."""
+        counted = (
             self.measure, self.input_weight, self.output_weight, self.currency, self.unknown_model, self.window,
-            self.window_seconds, self.timezone, self.model, sorted(self.attributes.items()),
+            self.window_seconds, self.timezone, self.model, tuple(sorted(self.attributes.items())),
             self.effective_from.timestamp(),
-        ]
-        return hashlib.sha256(json.dumps(counted).encode()).hexdigest()[:6]
+        )
+        basis = _bases.get(counted)
+        if basis is None:
+            if len(_bases) >= 100_000:
+                _bases.clear()
+            digest = hashlib.sha256(json.dumps(counted).encode()).hexdigest()[:6]
+            basis = _bases[counted] = sys.intern(digest)
+        return basis
+
+
+_bases: dict[tuple[object, ...], str] = {}
 
 
 def rule_key(tenant_id: str | None, name: str) -> bytes:
@@ -138,7 +149,7 @@ def is_rule_key(key: bytes | None) -> bool:
 
 
 def counter_key(name: str, basis: str, window_value: str) -> str:
-    """The period key of a rule's counter: ``rule:<name>~<basis>:<window>`` (at most 50 characters)."""
+    """The period key of a rule's counter: ``rule:<name>~<basis>:<window>`` (at most 56 characters)."""
     return f"{COUNTER_PREFIX}{name}~{basis}:{window_value}"
 
 

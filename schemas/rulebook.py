@@ -50,6 +50,7 @@ class CompiledRule:
         "model",
         "name",
         "output_milli",
+        "points",
         "tenant_id",
         "thresholds",
         "unknown_model",
@@ -63,13 +64,15 @@ class CompiledRule:
         self.model = rule.model
         self.attributes: tuple[tuple[str, str], ...] = tuple(sorted(rule.attributes.items()))
         self.measure = rule.measure
-        self.input_milli = round(rule.input_weight * 1000)
-        self.output_milli = round(rule.output_weight * 1000)
+        weighted = rule.measure == "weighted_tokens"
+        self.input_milli = round(rule.input_weight * 1000) if weighted else 0  # small ints are shared
+        self.output_milli = round(rule.output_weight * 1000) if weighted else 0
         self.currency = rule.currency
         self.unknown_model = rule.unknown_model
         self.window = WindowSpec.of(rule.window, rule.window_seconds, rule.timezone)
         self.limit = rule.limit
         self.thresholds = rule.thresholds
+        self.points = tuple(reached_at(self.limit, threshold) for threshold in rule.thresholds)
         self.blocks = rule.action == "block"
         self.effective_ts = rule.effective_from.timestamp()
 
@@ -125,7 +128,7 @@ class CompiledRule:
 
     def level(self, used: int) -> int:
         """How many of the thresholds ``used`` has reached (for warnings once per threshold)."""
-        return sum(1 for threshold in self.thresholds if used >= self.limit * threshold)
+        return sum(1 for point in self.points if used >= point)
 
 
 def known_or_rest(count: int | None, other: int | None, total: int) -> int:
@@ -135,6 +138,13 @@ def known_or_rest(count: int | None, other: int | None, total: int) -> int:
     if count is not None:
         return count
     return max(0, total - (other or 0))
+
+
+def reached_at(limit: int, ratio: float) -> int:
+    """The smallest used that reaches ``ratio`` of ``limit``, in integers: ``10 * 0.7`` is
+    7.000000000000001 in floating point, and 7 of 10 must reach 70%. The ratio is taken to 6
+    decimal places."""
+    return -(-limit * round(ratio * 1_000_000) // 1_000_000)
 
 
 class RuleBook:
@@ -186,11 +196,14 @@ class RuleBook:
         return self.defaults.get(name)
 
     def matching(self, tenant_id: str, model: str | None, attributes: Mapping[str, str], ts: float) -> list[CompiledRule]:
-        """The rules that count a call of ``tenant_id`` at ``ts`` (epoch seconds)."""
-        rules = self.for_tenant(tenant_id)
-        if not rules:
-            return []
-        return [rule for rule in rules if ts >= rule.effective_ts and rule.matches(model, attributes)]
+        """The rules that count a call of ``tenant_id`` at ``ts`` (epoch seconds). A tenant's rule
+        overrides the default of its name only once it is in force (``effective_from``)."""
+        own = [rule for rule in self.per_tenant.get(tenant_id, ()) if ts >= rule.effective_ts]
+        defaults = self.defaults
+        if defaults:
+            names = {rule.name for rule in own}
+            own += [rule for name, rule in defaults.items() if name not in names and ts >= rule.effective_ts]
+        return [rule for rule in own if rule.matches(model, attributes)]
 
     def counters(self, tenant_id: str, usage: Measured, attributes: Mapping[str, str],
                  when: datetime) -> list[tuple[str, int]]:

@@ -11,10 +11,13 @@ with that in mind (a per-minute limit of L keeps any 2-minute span under 2L). Pu
 
 from __future__ import annotations
 
+import math
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 _specs: dict[tuple[str, int | None, str], WindowSpec] = {}
+# The window of an instant too close to the year 9999 for its window's end to be a date.
+OUT_OF_RANGE = "out-of-range"
 
 
 class WindowSpec:
@@ -23,6 +26,8 @@ class WindowSpec:
     __slots__ = ("_end", "_start", "_tz", "_value", "kind", "seconds", "zone")
 
     def __init__(self, kind: str, seconds: int | None, zone: str) -> None:
+        if kind not in ("hour", "day", "week", "month", "year", "rate"):
+            raise ValueError(f"unknown window kind {kind!r}")
         if kind == "rate" and not seconds:
             raise ValueError("a rate window needs its length in seconds")
         self.kind, self.seconds, self.zone = kind, seconds, zone
@@ -44,7 +49,12 @@ class WindowSpec:
         The last window is remembered, so the calls of one window cost a comparison."""
         if self._start <= ts < self._end:
             return self._value, self._end
-        value, start, end = self._compute(ts)
+        try:
+            value, start, end = self._compute(ts)
+        except (ValueError, OverflowError):
+            # An instant whose window ends past the year 9999 (a valid event_time can be
+            # 9999-12-31): one window of its own that never ends, the same for every reader.
+            return OUT_OF_RANGE, math.inf
         self._value, self._start, self._end = value, start, end
         return value, end
 
@@ -55,9 +65,7 @@ class WindowSpec:
             return f"{self.seconds}s@{int(start)}", start, start + self.seconds
         local = datetime.fromtimestamp(ts, self._tz)
         if self.kind == "hour":
-            first = local.replace(minute=0, second=0, microsecond=0)
-            start = first.timestamp()
-            return first.strftime("%Y-%m-%dT%H"), start, start + 3600
+            return self._hour(ts, local)
         day = local.date()
         if self.kind == "day":
             return day.isoformat(), self._midnight(day), self._midnight(day + timedelta(days=1))
@@ -71,7 +79,27 @@ class WindowSpec:
             return f"{day.year:04d}-{day.month:02d}", self._midnight(first_day), self._midnight(following)
         if self.kind == "year":
             return f"{day.year:04d}", self._midnight(date(day.year, 1, 1)), self._midnight(date(day.year + 1, 1, 1))
-        raise ValueError(f"unknown window kind {self.kind!r}")
+        raise AssertionError(self.kind)  # refused by __init__
+
+    def _hour(self, ts: float, local: datetime) -> tuple[str, float, float]:
+        """The local clock hour of ``ts`` at its UTC offset: ``2026-10-25T02+02:00``. With the offset
+        in the value, the two 02:00 hours of a fall-back night are two windows; a window ends at
+        the next whole local hour or at an offset change, whichever comes first (zones such as
+        Australia/Lord_Howe change by 30 minutes)."""
+        offset = local.utcoffset()
+        start = math.floor(ts) - local.minute * 60 - local.second
+        end = float(start + 3600)
+        if datetime.fromtimestamp(end - 1, self._tz).utcoffset() != offset:
+            low, high = math.floor(ts), int(end) - 1  # offset(low) is ours, offset(high) is not
+            while high - low > 1:
+                middle = (low + high) // 2
+                if datetime.fromtimestamp(middle, self._tz).utcoffset() == offset:
+                    low = middle
+                else:
+                    high = middle
+            end = float(high)
+        hours = local.isoformat(timespec="hours")  # 2026-10-25T02+02:00
+        return hours, float(start), end
 
     def _midnight(self, day: date) -> float:
         return datetime(day.year, day.month, day.day, tzinfo=self._tz).timestamp()

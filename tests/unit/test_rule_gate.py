@@ -241,9 +241,6 @@ def test_expire_keeps_the_current_rate_window() -> None:
     assert not g.snapshot.holds(TENANT, counter(rate, "60s@1773489600"))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: RuleGate tracks rate counters for expiry only in spend(); a rate "
-                   "counter the snapshot holds from a notice alone (other instances' spend) is never dropped, "
-                   "so every such window stays in the snapshot for ever")
 def test_expire_drops_rate_counters_known_only_from_notices() -> None:
     rate = rule("burst", 5, window="rate", window_seconds=60, measure="requests")
     g = gate(rate)

@@ -296,8 +296,6 @@ def test_level_counts_thresholds_reached() -> None:
     assert [compiled.level(used) for used in (0, 499, 500, 799, 800, 899, 900, 5000)] == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: CompiledRule.level compares used >= limit * threshold in floats; "
-                   "10 * 0.7 == 7.000000000000001 so 7 of 10 has not 'reached' a 70% threshold")
 def test_level_reaches_a_threshold_exactly() -> None:
     assert CompiledRule(rule(limit=10, thresholds=(0.7,))).level(7) == 1
     assert CompiledRule(rule(limit=100, thresholds=(0.07,))).level(7) == 1
