@@ -110,7 +110,7 @@ class AckedOffsets:
             pending.popleft()
         if not pending:
             return None
-        events = self._highest[partition] - heard_offset
+        events = pending[-1][0] - heard_offset  # the last entry holds the highest offset acknowledged
         seconds = (time.monotonic() if now is None else now) - pending[0][1]
         if (max_lag_events is not None and events > max_lag_events) or (max_lag_s is not None and seconds > max_lag_s):
             return Behind(events, seconds)
