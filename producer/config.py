@@ -66,6 +66,16 @@ class ProducerConfig:
     # A heartbeat or notice dated further ahead of this process's clock than this is ignored
     # (counted): one dated 9999 would otherwise keep its partition looking fresh for ever.
     max_clock_skew_s: float = 60.0
+    # An aggregator that heartbeats but has not applied this process's own acknowledged events is as
+    # stale as a silent one once it is more than max_lag_events records behind the newest of them,
+    # or the oldest of them was acknowledged more than max_lag_s ago (``producer.lag``); the
+    # partition then follows stale_policy too. None turns a test off. max_lag_s must exceed the
+    # aggregator's heartbeat interval (1 s) plus notice propagation (< 0.5 s): an event counts as
+    # applied only when a heartbeat or notice after it says so. 5 s is 3x that, a third of
+    # stale_after_s. 100_000 records is five of the aggregator's full batches (batch_max 20_000)
+    # and above what 50k events/s on one partition keep in that normal 1.5 s pipeline.
+    max_lag_events: int | None = 100_000
+    max_lag_s: float | None = 5.0
 
     def __post_init__(self) -> None:
         check_instance_id(self.instance_id)  # in every usage event: one the aggregator would refuse loses them all
@@ -75,6 +85,10 @@ class ProducerConfig:
             raise ValueError(f"stale_policy must be one of {', '.join(STALE_POLICIES)}, got {self.stale_policy!r}")
         if self.send_timeout_s <= 0 or self.stale_after_s <= 0 or not self.max_clock_skew_s > 0:
             raise ValueError("send_timeout_s, stale_after_s and max_clock_skew_s must be positive")
+        if self.max_lag_events is not None and self.max_lag_events < 1:
+            raise ValueError(f"max_lag_events must be at least 1 (None: off), got {self.max_lag_events}")
+        if self.max_lag_s is not None and not self.max_lag_s > 0:
+            raise ValueError(f"max_lag_s must be positive (None: off), got {self.max_lag_s}")
 
     def with_bootstrap(self, bootstrap_servers: str) -> ProducerConfig:
         return replace(self, connection=replace(self.connection, bootstrap_servers=bootstrap_servers))
@@ -85,7 +99,8 @@ class ProducerConfig:
         ``TOKENGUARD_PARTITIONS``, ``TOKENGUARD_INSTANCE_ID``, ``TOKENGUARD_IDEMPOTENCE``,
         ``TOKENGUARD_SPOOL_DIR`` (empty: no spool), ``TOKENGUARD_SPOOL_MAX_BYTES``,
         ``TOKENGUARD_SPOOL_FULL_POLICY``, ``TOKENGUARD_STALE_AFTER_S``, ``TOKENGUARD_STALE_POLICY``,
-        ``TOKENGUARD_MAX_CLOCK_SKEW_S``. ``SettingsError`` (a ``ValueError``) names each invalid one."""
+        ``TOKENGUARD_MAX_CLOCK_SKEW_S``, ``TOKENGUARD_MAX_LAG_EVENTS``, ``TOKENGUARD_MAX_LAG_S`` (``off``:
+        that lag test is off). ``SettingsError`` (a ``ValueError``) names each invalid one."""
         return ProducerSettings.read(env).config()
 
 
@@ -101,6 +116,8 @@ class ProducerSettings(DeploymentSettings):
     stale_after_s: float = Field(ProducerConfig.stale_after_s, gt=0, validation_alias="TOKENGUARD_STALE_AFTER_S")
     stale_policy: StalePolicy = Field(ProducerConfig.stale_policy, validation_alias="TOKENGUARD_STALE_POLICY")
     max_clock_skew_s: float = Field(ProducerConfig.max_clock_skew_s, gt=0, validation_alias="TOKENGUARD_MAX_CLOCK_SKEW_S")
+    max_lag_events: int | None = Field(ProducerConfig.max_lag_events, ge=1, validation_alias="TOKENGUARD_MAX_LAG_EVENTS")
+    max_lag_s: float | None = Field(ProducerConfig.max_lag_s, gt=0, validation_alias="TOKENGUARD_MAX_LAG_S")
 
     @field_validator("instance_id")
     @classmethod
@@ -114,10 +131,18 @@ class ProducerSettings(DeploymentSettings):
             return Path(value).expanduser() if value.strip() else None
         return value
 
+    @field_validator("max_lag_events", "max_lag_s", mode="before")
+    @classmethod
+    def _off_means_none(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() in ("off", "none"):
+            return None
+        return value
+
     def config(self) -> ProducerConfig:
         return ProducerConfig(
             connection=self.connection(), topics=self.layout(), instance_id=self.instance_id,
             idempotence=self.idempotence, spool_dir=self.spool_dir, spool_max_bytes=self.spool_max_bytes,
             spool_full_policy=self.spool_full_policy, stale_after_s=self.stale_after_s,
             stale_policy=self.stale_policy, max_clock_skew_s=self.max_clock_skew_s,
+            max_lag_events=self.max_lag_events, max_lag_s=self.max_lag_s,
         )

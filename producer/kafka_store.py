@@ -18,10 +18,12 @@ import secrets
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 
 from producer.config import ProducerConfig
 from producer.errors import InvalidCallError, UsageSpoolFullError
 from producer.inflight import Reservation
+from producer.lag import AckedOffsets, Behind
 from producer.limits_feed import LimitsFeed, LimitsTable
 from producer.notices_feed import NoticesFeed
 from producer.publisher import UsagePublisher
@@ -40,6 +42,8 @@ log = logging.getLogger(__name__)
 class StoreStats:
     stale_decisions: int = 0
     stale_refusals: int = 0
+    # Of stale_decisions, those made because the aggregator was alive but behind (``producer.lag``).
+    lag_stale_decisions: int = 0
 
 
 class KafkaQuotaStore:
@@ -137,6 +141,13 @@ class KafkaQuotaStore:
             if partition in self._stale_partitions:
                 self._stale_partitions.discard(partition)
                 log.warning("aggregator of usage partition %d is heard from again", partition)
+            acked = self._acked
+            behind = acked.behind(partition, self.snapshot, self.config.max_lag_events, self.config.max_lag_s)
+            if behind is not None:
+                return self._stale(partition, age, decision, behind)
+            if acked.lagging and partition in acked.lagging:
+                acked.lagging.discard(partition)
+                log.warning("aggregator of usage partition %d has caught up with this process's usage", partition)
             return decision
         return self._stale(partition, age, decision)
 
@@ -154,18 +165,36 @@ class KafkaQuotaStore:
 
     def is_stale(self, tenant_id: str) -> bool:
         """Whether ``tenant_id``'s decisions follow ``stale_policy`` now: the aggregator of its usage
-        partition has not been heard from (heartbeat or notice) for ``stale_after_s``, or never."""
-        age = self.snapshot.heartbeat_age(self.publisher.partition_of(tenant_id))
-        return age is None or age > self.config.stale_after_s
+        partition has not been heard from (heartbeat or notice) for ``stale_after_s``, or never; or it
+        is alive but behind this process's own acknowledged usage (``max_lag_events`` /
+        ``max_lag_s``, ``producer.lag``)."""
+        partition = self.publisher.partition_of(tenant_id)
+        age = self.snapshot.heartbeat_age(partition)
+        if age is None or age > self.config.stale_after_s:
+            return True
+        return self._acked.behind(partition, self.snapshot, self.config.max_lag_events, self.config.max_lag_s) is not None
 
-    def _stale(self, partition: int, age: float | None, decision: Decision) -> Decision:
-        """The aggregator judging this tenant has been silent too long: apply the staleness policy
-        (``judge_stale``). ``stats.stale_decisions`` counts every decision made so;
-        ``stats.stale_refusals`` counts the refusals for an unknown state (``fail_closed``), not
-        those of a tenant known to be over (``keep_known``), which would be refused fresh too."""
+    @cached_property
+    def _acked(self) -> AckedOffsets:
+        """This process's acknowledged usage offsets the aggregator is not yet heard to cover."""
+        return AckedOffsets()
+
+    def _stale(self, partition: int, age: float | None, decision: Decision, behind: Behind | None = None) -> Decision:
+        """The aggregator judging this tenant has been silent too long, or is ``behind`` this
+        process's usage too far: apply the staleness policy (``judge_stale``).
+        ``stats.stale_decisions`` counts every decision made so (``stats.lag_stale_decisions``
+        those for lag); ``stats.stale_refusals`` counts the refusals for an unknown state
+        (``fail_closed``), not those of a tenant known to be over (``keep_known``), which would be
+        refused fresh too."""
         self.stats.stale_decisions += 1
         policy = self.config.stale_policy
-        if partition not in self._stale_partitions:
+        if behind is not None:
+            self.stats.lag_stale_decisions += 1
+            if partition not in self._acked.lagging:
+                self._acked.lagging.add(partition)
+                log.warning("aggregator of usage partition %d is alive but %s this process's usage; quota decisions "
+                            "follow policy %s", partition, behind.describe(), policy)
+        elif partition not in self._stale_partitions:
             self._stale_partitions.add(partition)
             heard = "never heard from" if age is None else f"silent for {age:.0f}s"
             log.warning("aggregator of usage partition %d %s; quota decisions follow policy %s", partition, heard, policy)
@@ -241,6 +270,7 @@ class KafkaQuotaStore:
     def _delivered(self, event: UsageLike, partition: int, offset: int) -> None:
         snapshot = self.snapshot
         snapshot.acknowledged(event.tenant_id, event.period_key, event.total_tokens, partition, offset)
+        self._acked.acknowledged(partition, offset)
         spent = self._rule_spend.pop(event.event_id, None) if self._rule_spend else None
         if spent:
             for counter, amount in spent:

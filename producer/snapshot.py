@@ -241,6 +241,12 @@ class QuotaSnapshot:
             return None
         return (time.time() if now is None else now) - health.emitted_at
 
+    def heard_offset(self, partition: int) -> int | None:
+        """The usage offset the aggregator of ``partition`` last said it has applied (its newest
+        heartbeat or notice; ``-1``: none yet); None if never heard from. See ``producer.lag``."""
+        health = self._health.get(partition)
+        return None if health is None else health.usage_offset
+
     def notice(self, tenant_id: str, period_key: str) -> QuotaNotice | None:
         entry = self._entries.get((tenant_id, period_key))
         return entry.notice if entry else None
