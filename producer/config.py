@@ -66,23 +66,26 @@ class ProducerConfig:
     # A heartbeat or notice dated further ahead of this process's clock than this is ignored
     # (counted): one dated 9999 would otherwise keep its partition looking fresh for ever.
     max_clock_skew_s: float = 60.0
-    # An aggregator that heartbeats but has not applied this process's own acknowledged events is as
-    # stale as a silent one once it is more than max_lag_events records behind the newest of them,
-    # or the oldest of them was acknowledged more than max_lag_s ago (``producer.lag``); the
-    # partition then follows stale_policy too. None turns a test off. max_lag_s must exceed the
-    # aggregator's heartbeat interval (1 s) plus notice propagation (< 0.5 s): an event counts as
-    # applied only when a heartbeat or notice after it says so. 5 s is 3x that, a third of
-    # stale_after_s. 100_000 records is five of the aggregator's full batches (batch_max 20_000)
-    # and above what 50k events/s on one partition keep in that normal 1.5 s pipeline.
+    # An aggregator that heartbeats but has not applied this process's own acknowledged events is
+    # stale once it is more than max_lag_events records behind the newest of them, or the oldest
+    # of them was acknowledged more than max_lag_s ago (``producer.lag``); the partition then
+    # follows lag_policy. None turns a test off. The default, fail_closed, refuses the partition's
+    # calls until the aggregator is back within both bounds: a fleet that outruns its aggregator is
+    # held to what it can count, so the overshoot stays bounded (keep_known would let each
+    # instance go on alone). The bounds are far above a healthy pipeline's (an event counts as
+    # applied ~1.5 s after it is acknowledged) and above the backlog an aggregator deploy leaves
+    # (15 s of a partition's usage at thousands of events/s): 100_000 records, 60 s.
     max_lag_events: int | None = 100_000
-    max_lag_s: float | None = 5.0
+    max_lag_s: float | None = 60.0
+    lag_policy: StalePolicy = "fail_closed"
 
     def __post_init__(self) -> None:
         check_instance_id(self.instance_id)  # in every usage event: one the aggregator would refuse loses them all
         if self.spool_full_policy not in ("block", "drop_oldest"):
             raise ValueError(f"spool_full_policy must be 'block' or 'drop_oldest', got {self.spool_full_policy!r}")
-        if self.stale_policy not in STALE_POLICIES:
-            raise ValueError(f"stale_policy must be one of {', '.join(STALE_POLICIES)}, got {self.stale_policy!r}")
+        for name, policy in (("stale_policy", self.stale_policy), ("lag_policy", self.lag_policy)):
+            if policy not in STALE_POLICIES:
+                raise ValueError(f"{name} must be one of {', '.join(STALE_POLICIES)}, got {policy!r}")
         if self.send_timeout_s <= 0 or self.stale_after_s <= 0 or not self.max_clock_skew_s > 0:
             raise ValueError("send_timeout_s, stale_after_s and max_clock_skew_s must be positive")
         if self.max_lag_events is not None and self.max_lag_events < 1:
@@ -118,6 +121,7 @@ class ProducerSettings(DeploymentSettings):
     max_clock_skew_s: float = Field(ProducerConfig.max_clock_skew_s, gt=0, validation_alias="TOKENGUARD_MAX_CLOCK_SKEW_S")
     max_lag_events: int | None = Field(ProducerConfig.max_lag_events, ge=1, validation_alias="TOKENGUARD_MAX_LAG_EVENTS")
     max_lag_s: float | None = Field(ProducerConfig.max_lag_s, gt=0, validation_alias="TOKENGUARD_MAX_LAG_S")
+    lag_policy: StalePolicy = Field(ProducerConfig.lag_policy, validation_alias="TOKENGUARD_LAG_POLICY")
 
     @field_validator("instance_id")
     @classmethod
@@ -144,5 +148,5 @@ class ProducerSettings(DeploymentSettings):
             idempotence=self.idempotence, spool_dir=self.spool_dir, spool_max_bytes=self.spool_max_bytes,
             spool_full_policy=self.spool_full_policy, stale_after_s=self.stale_after_s,
             stale_policy=self.stale_policy, max_clock_skew_s=self.max_clock_skew_s,
-            max_lag_events=self.max_lag_events, max_lag_s=self.max_lag_s,
+            max_lag_events=self.max_lag_events, max_lag_s=self.max_lag_s, lag_policy=self.lag_policy,
         )

@@ -155,8 +155,12 @@ class KafkaQuotaStore:
         """The decision ``check`` would make now, without its side effects (no key validation, spool
         check, staleness counting or logging): what ``TokenGuardMiddleware.headroom`` reads."""
         decision = self.snapshot.decide(tenant_id, period_key, quota_tokens)
-        if self.is_stale(tenant_id):
+        partition = self.publisher.partition_of(tenant_id)
+        age = self.snapshot.heartbeat_age(partition)
+        if age is None or age > self.config.stale_after_s:
             return judge_stale(self.config.stale_policy, decision)
+        if self._acked.behind(partition, self.snapshot, self.config.max_lag_events, self.config.max_lag_s) is not None:
+            return judge_stale(self.config.lag_policy, decision)
         return decision
 
     def source_of(self, tenant_id: str, period_key: str) -> LimitSource:
@@ -164,10 +168,10 @@ class KafkaQuotaStore:
         return self.snapshot.source(tenant_id, period_key)
 
     def is_stale(self, tenant_id: str) -> bool:
-        """Whether ``tenant_id``'s decisions follow ``stale_policy`` now: the aggregator of its usage
-        partition has not been heard from (heartbeat or notice) for ``stale_after_s``, or never; or it
-        is alive but behind this process's own acknowledged usage (``max_lag_events`` /
-        ``max_lag_s``, ``producer.lag``)."""
+        """Whether ``tenant_id``'s decisions follow a staleness policy now: ``stale_policy`` when the
+        aggregator of its usage partition has not been heard from (heartbeat or notice) for
+        ``stale_after_s``, or never; ``lag_policy`` when it is alive but behind this process's own
+        acknowledged usage (``max_lag_events`` / ``max_lag_s``, ``producer.lag``)."""
         partition = self.publisher.partition_of(tenant_id)
         age = self.snapshot.heartbeat_age(partition)
         if age is None or age > self.config.stale_after_s:
@@ -180,14 +184,14 @@ class KafkaQuotaStore:
         return AckedOffsets()
 
     def _stale(self, partition: int, age: float | None, decision: Decision, behind: Behind | None = None) -> Decision:
-        """The aggregator judging this tenant has been silent too long, or is ``behind`` this
-        process's usage too far: apply the staleness policy (``judge_stale``).
+        """The aggregator judging this tenant has been silent too long (``stale_policy``), or is
+        ``behind`` this process's usage too far (``lag_policy``): apply it (``judge_stale``).
         ``stats.stale_decisions`` counts every decision made so (``stats.lag_stale_decisions``
         those for lag); ``stats.stale_refusals`` counts the refusals for an unknown state
         (``fail_closed``), not those of a tenant known to be over (``keep_known``), which would be
         refused fresh too."""
         self.stats.stale_decisions += 1
-        policy = self.config.stale_policy
+        policy = self.config.stale_policy if behind is None else self.config.lag_policy
         if behind is not None:
             self.stats.lag_stale_decisions += 1
             if partition not in self._acked.lagging:

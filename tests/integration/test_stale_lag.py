@@ -52,8 +52,9 @@ async def test_an_aggregator_alive_but_behind_makes_the_partition_stale_until_it
     slow = replace(aggregator_config, batch_max=1)
     # Silence needs 15 s (the default): anything stale below is stale for lag, not silence.
     by_events = member(producer_config, tmp_path, "by-events", max_lag_events=100, max_lag_s=None,
-                       stale_policy="fail_closed")
-    by_time = member(producer_config, tmp_path, "by-time", max_lag_events=None, max_lag_s=1.0)
+                       lag_policy="fail_closed")
+    by_time = member(producer_config, tmp_path, "by-time", max_lag_events=None, max_lag_s=1.0,
+                     lag_policy="keep_known")
     tenant = "fleet"
     async with running_aggregator(slow) as aggregator, KafkaQuotaStore(by_events) as counting, \
             KafkaQuotaStore(by_time) as timing:
@@ -105,7 +106,7 @@ async def test_an_aggregator_alive_but_behind_makes_the_partition_stale_until_it
 async def test_a_heartbeat_reporting_an_old_offset_on_the_real_topic(producer_config: ProducerConfig, tmp_path: Path) -> None:
     """A stand-in for an aggregator stuck behind: a heartbeat record on the real notices topic, as
     the aggregator writes it (key and encoding), at the offset just below our last event."""
-    config = member(producer_config, tmp_path, "alone", max_lag_events=1, max_lag_s=None, stale_policy="fail_closed")
+    config = member(producer_config, tmp_path, "alone", max_lag_events=1, max_lag_s=None, lag_policy="fail_closed")
     tenant = "stuck"
     async with KafkaQuotaStore(config) as store:
         partition = store.publisher.partition_of(tenant)

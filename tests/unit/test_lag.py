@@ -173,7 +173,7 @@ def test_the_snapshot_hears_the_newest_heartbeat_or_notice() -> None:
 
 def test_defaults_and_validation() -> None:
     config = ProducerConfig(spool_dir=None)
-    assert (config.max_lag_events, config.max_lag_s) == (100_000, 5.0)
+    assert (config.max_lag_events, config.max_lag_s, config.lag_policy) == (100_000, 60.0, "fail_closed")
     assert ProducerConfig(spool_dir=None, max_lag_events=None, max_lag_s=None).max_lag_s is None
     for bad in ({"max_lag_events": 0}, {"max_lag_s": 0.0}, {"max_lag_s": float("nan")}):
         with pytest.raises(ValueError, match="max_lag"):
@@ -185,7 +185,7 @@ def test_environment() -> None:
     assert (config.max_lag_events, config.max_lag_s) == (2500, 1.5)
     config = ProducerConfig.from_env({"TOKENGUARD_MAX_LAG_EVENTS": "off", "TOKENGUARD_MAX_LAG_S": "OFF"})
     assert (config.max_lag_events, config.max_lag_s) == (None, None)
-    assert ProducerConfig.from_env({}).max_lag_s == 5.0
+    assert ProducerConfig.from_env({}).max_lag_s == 60.0
     for variable, value in (("TOKENGUARD_MAX_LAG_EVENTS", "0"), ("TOKENGUARD_MAX_LAG_S", "-1"),
                             ("TOKENGUARD_MAX_LAG_S", "soon")):
         with pytest.raises(SettingsError) as caught:
@@ -217,7 +217,7 @@ def built_store(tmp_path: Path, **changes: object) -> tuple[KafkaQuotaStore, int
 def test_a_store_judges_a_lagging_partition_stale_and_logs_once_each_way(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    store, partition = built_store(tmp_path, max_lag_events=10, stale_policy="fail_closed")
+    store, partition = built_store(tmp_path, max_lag_events=10, lag_policy="fail_closed")
     store.snapshot.apply_heartbeat(heartbeat(partition, 99))
     for offset in range(100, 120):
         store._delivered(Event("a", 1), partition, offset)  # type: ignore[arg-type]
@@ -240,7 +240,7 @@ def test_a_store_judges_a_lagging_partition_stale_and_logs_once_each_way(
 
 
 def test_keep_known_under_lag_decides_as_the_snapshot_does(tmp_path: Path) -> None:
-    store, partition = built_store(tmp_path, max_lag_events=1)
+    store, partition = built_store(tmp_path, max_lag_events=1, lag_policy="keep_known")
     store.snapshot.apply_heartbeat(heartbeat(partition, -1))
     store.snapshot.add_local("a", PERIOD, 600)
     store._delivered(Event("a", 600), partition, 0)  # type: ignore[arg-type]
@@ -252,7 +252,7 @@ def test_keep_known_under_lag_decides_as_the_snapshot_does(tmp_path: Path) -> No
 
 
 def test_lag_off_means_only_silence_counts(tmp_path: Path) -> None:
-    store, partition = built_store(tmp_path, max_lag_events=None, stale_policy="fail_closed")
+    store, partition = built_store(tmp_path, max_lag_events=None, lag_policy="fail_closed")
     store.snapshot.apply_heartbeat(heartbeat(partition, -1))
     for offset in range(10_000):
         store._delivered(Event("a", 1), partition, offset)  # type: ignore[arg-type]
