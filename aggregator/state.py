@@ -19,7 +19,7 @@ from aggregator.intake import fingerprint, identity
 from schemas.limits import QuotaLimit
 from schemas.notices import QuotaState
 from schemas.policy import COUNTER_PREFIX, parse_counter_key
-from schemas.rulebook import RuleBook, reached_at
+from schemas.rulebook import CompiledRule, RuleBook
 from schemas.rules import applicable
 from schemas.totals import TotalsRecord
 from schemas.usage import UsageEvent
@@ -58,7 +58,7 @@ def lowest_quota(held: int | None, carried: int) -> int:
 def classify(used: int, limit: int, warning_ratio: float) -> QuotaState:
     if used >= limit:
         return "exceeded"
-    if used >= reached_at(limit, warning_ratio):
+    if used * 1_000_000 >= limit * round(warning_ratio * 1_000_000):  # integers: 7 of 10 reaches 0.7
         return "warning"
     return "ok"
 
@@ -92,13 +92,13 @@ class Limits:
         else:
             self.per_tenant.pop(tenant_id, None)
 
-    def level(self, tenant_id: str, period_key: str, used: int) -> int:
-        """How many thresholds of a rule counter's rule ``used`` has reached (0 for other keys)."""
+    def rule_of(self, tenant_id: str, period_key: str) -> CompiledRule | None:
+        """The rule a counter key counts for, if it still does (same rule, same basis)."""
         parsed = parse_counter_key(period_key)
-        quota_rule = self.rules.governing(tenant_id, parsed[0]) if parsed else None
-        if quota_rule is None or parsed is None or quota_rule.basis != parsed[1]:
-            return 0
-        return quota_rule.level(used)
+        if parsed is None:
+            return None
+        quota_rule = self.rules.governing(tenant_id, parsed[0])
+        return quota_rule if quota_rule is not None and quota_rule.basis == parsed[1] else None
 
     def rule(self, tenant_id: str, period_key: str, event_quota: int | None) -> tuple[int, float] | None:
         """(limit, warning ratio) for one tenant-period; ``event_quota`` is the smallest quota its
@@ -106,9 +106,8 @@ class Limits:
         no warning state); None when that rule is gone or counts otherwise now (the counter keeps
         its last judgement)."""
         if period_key.startswith(COUNTER_PREFIX):
-            parsed = parse_counter_key(period_key)
-            quota_rule = self.rules.governing(tenant_id, parsed[0]) if parsed else None
-            if quota_rule is None or parsed is None or quota_rule.basis != parsed[1]:
+            quota_rule = self.rule_of(tenant_id, period_key)
+            if quota_rule is None:
                 return None
             return quota_rule.limit, quota_rule.thresholds[0] if quota_rule.thresholds else 1.0
         record = applicable(self.per_tenant.get(tenant_id), self.topic_default, period_key)
@@ -168,16 +167,17 @@ class TotalsState:
         window = self._window(partition)
         self.mark_position(partition, offset)
         tenant_id = event.tenant_id
-        counted = [((tenant_id, event.period_key), event.total_tokens)]
+        counted: list[tuple[Key, int, CompiledRule | None]] = [((tenant_id, event.period_key), event.total_tokens, None)]
         rules = self.limits.rules
         if rules.defaults or tenant_id in rules.per_tenant:
-            counted += [((tenant_id, key), amount) for key, amount in
-                        rules.counters(tenant_id, event, event.attributes, event.event_time)]
+            for matched, counter, amount in rules.counted(tenant_id, event, event.attributes, event.event_time):
+                counted.append(((tenant_id, counter), amount, matched))
+        all_totals = self.totals
         fresh = []
-        for key, amount in counted:
-            held = self.totals.get(key)
+        for key, amount, rule in counted:
+            held = all_totals.get(key)
             if held is None or offset > held.applied_offset:
-                fresh.append((key, amount, held))
+                fresh.append((key, amount, rule, held))
         who, content = identity(event), fingerprint(event)
         if not fresh:
             window.add(who, content)
@@ -186,18 +186,20 @@ class TotalsState:
         if seen is not None:
             return Outcome.DUPLICATE if seen == content else Outcome.CONFLICT
         window.add(who, content)
-        for key, amount, totals in fresh:
+        for key, amount, rule, totals in fresh:
             if totals is None:
-                totals = self.totals[key] = Totals(partition=partition)
-                if key is not counted[0][0]:
+                totals = all_totals[key] = Totals(partition=partition)
+                if rule is not None and rule.window.kind == "rate":
                     self._index_rate(key)
             totals.used += amount
             totals.events += 1
             totals.applied_offset = offset
-            if key is counted[0][0]:
-                totals.event_quota = lowest_quota(totals.event_quota, event.quota_tokens)
             self._dirty.add(key)
-            self._evaluate(key, totals, "state_changed")
+            if rule is None:
+                totals.event_quota = lowest_quota(totals.event_quota, event.quota_tokens)
+                self._evaluate(key, totals, "state_changed")
+            else:
+                self._judge_rule(key, totals, rule, "state_changed")
         return Outcome.APPLIED
 
     def _index_rate(self, key: Key) -> None:
@@ -228,24 +230,35 @@ class TotalsState:
         return expired
 
     def _evaluate(self, key: Key, totals: Totals, reason: str) -> None:
-        judged = self.limits.rule(key[0], key[1], totals.event_quota)
-        if judged is None:
+        if key[1].startswith(COUNTER_PREFIX):
+            rule = self.limits.rule_of(key[0], key[1])
+            if rule is not None:  # else the rule is gone or counts otherwise now: judged as last
+                self._judge_rule(key, totals, rule, reason)
             return
+        judged = self.limits.rule(key[0], key[1], totals.event_quota)
+        assert judged is not None  # a tenant-period always has a limit
         limit, warning_ratio = judged
-        state = classify(totals.used, limit, warning_ratio)
+        self._judged(key, totals, classify(totals.used, limit, warning_ratio), limit, reason)
+
+    def _judge_rule(self, key: Key, totals: Totals, rule: CompiledRule, reason: str) -> None:
+        """A rule counter: exceeded at its limit, warning from its first threshold; and a notice at
+        each threshold, so every instance learns the used figure at each (what keeps the overshoot
+        of a rate window small)."""
+        used, limit = totals.used, rule.limit
+        level = rule.level(used)
+        state: QuotaState = "exceeded" if used >= limit else ("warning" if level else "ok")
+        self._judged(key, totals, state, limit, reason)
+        if level > totals.level and state != "exceeded":
+            self._notify.setdefault(key, "threshold")
+        totals.level = level
+
+    def _judged(self, key: Key, totals: Totals, state: QuotaState, limit: int, reason: str) -> None:
         limit_changed = limit != totals.limit
         totals.limit = limit
         if state != totals.state or (limit_changed and reason == "limit_changed"):
             totals.state = state
             self._dirty.add(key)
             self._notify.setdefault(key, reason)
-        if key[1].startswith(COUNTER_PREFIX) and state != "exceeded":
-            # Each threshold of a rule is a notice of its own: every instance learns the used
-            # figure at each, which is what keeps the overshoot of a rate window small.
-            level = self.limits.level(key[0], key[1], totals.used)
-            if level > totals.level:
-                self._notify.setdefault(key, "threshold")
-            totals.level = level
 
     def reevaluate(self, tenant_id: str | None) -> None:
         """After a limit change: one tenant's keys, or every key when the default changed."""

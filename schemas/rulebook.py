@@ -39,6 +39,7 @@ class CompiledRule:
     """A ``QuotaRule`` reduced to what matching, measuring and judging need."""
 
     __slots__ = (
+        "_last",
         "attributes",
         "basis",
         "blocks",
@@ -75,6 +76,7 @@ class CompiledRule:
         self.points = tuple(reached_at(self.limit, threshold) for threshold in rule.thresholds)
         self.blocks = rule.action == "block"
         self.effective_ts = rule.effective_from.timestamp()
+        self._last: tuple[str, str] | None = None  # (window value, counter key) of the last call
 
     def __repr__(self) -> str:
         return f"CompiledRule({self.name!r}, tenant={self.tenant_id!r}, limit={self.limit}, basis={self.basis})"
@@ -84,12 +86,17 @@ class CompiledRule:
         matched by the book). A model selector does not match a call whose model is unknown."""
         if self.model is not None and model != self.model:
             return False
-        return all(attributes.get(key) == value for key, value in self.attributes)
+        return not self.attributes or all(attributes.get(key) == value for key, value in self.attributes)
 
     def counter(self, ts: float) -> tuple[str, float]:
         """(counter key, the window's end in epoch seconds) for a call at ``ts``."""
         value, end = self.window.at(ts)
-        return counter_key(self.name, self.basis, value), end
+        last = self._last
+        if last is not None and last[0] == value:
+            return last[1], end
+        key = counter_key(self.name, self.basis, value)
+        self._last = (value, key)
+        return key, end
 
     def amount(self, usage: Measured, prices: PriceTable | None, when: datetime) -> int | None:
         """What ``usage`` adds to this rule's counter, an integer in the rule's unit (tokens,
@@ -128,7 +135,10 @@ class CompiledRule:
 
     def level(self, used: int) -> int:
         """How many of the thresholds ``used`` has reached (for warnings once per threshold)."""
-        return sum(1 for point in self.points if used >= point)
+        points = self.points
+        if not points:
+            return 0
+        return sum(1 for point in points if used >= point)
 
 
 def known_or_rest(count: int | None, other: int | None, total: int) -> int:
@@ -205,13 +215,16 @@ class RuleBook:
             own += [rule for name, rule in defaults.items() if name not in names and ts >= rule.effective_ts]
         return [rule for rule in own if rule.matches(model, attributes)]
 
+    def counted(self, tenant_id: str, usage: Measured, attributes: Mapping[str, str],
+                when: datetime) -> list[tuple[CompiledRule, str, int]]:
+        """(rule, counter key, amount) of every rule that counts ``usage``: what the aggregator adds
+        and the middleware spends locally. A call a cost rule cannot price counts 0 there."""
+        ts = when.timestamp()
+        prices = self.prices
+        return [(rule, rule.counter(ts)[0], rule.amount(usage, prices, when) or 0)
+                for rule in self.matching(tenant_id, usage.model, attributes, ts)]
+
     def counters(self, tenant_id: str, usage: Measured, attributes: Mapping[str, str],
                  when: datetime) -> list[tuple[str, int]]:
-        """(counter key, amount) of every rule that counts ``usage``: what the aggregator adds and
-        the middleware spends locally. A call a cost rule cannot price counts 0 there."""
-        ts = when.timestamp()
-        found = []
-        for rule in self.matching(tenant_id, usage.model, attributes, ts):
-            amount = rule.amount(usage, self.prices, when)
-            found.append((rule.counter(ts)[0], amount or 0))
-        return found
+        """(counter key, amount) of every rule that counts ``usage`` (``counted`` without the rule)."""
+        return [(key, amount) for _, key, amount in self.counted(tenant_id, usage, attributes, when)]
