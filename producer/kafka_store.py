@@ -234,12 +234,12 @@ class KafkaQuotaStore:
         """Whether any quota rule can match a call of ``tenant_id`` (cheap; asked on every call)."""
         return self.rules.applies(tenant_id)
 
-    def admit_rules(self, tenant_id: str, reserve: Reserve, now: datetime) -> Verdict:
+    def admit_rules(self, tenant_id: str, reserve: Reserve, now: datetime, *, views: bool = False) -> Verdict:
         """Whether every quota rule matching the call has room for it (``RuleGate.admit``); the
         reservations held on success go back with ``release_rules``."""
         if not self.rules.applies(tenant_id):
             return ALLOWED
-        return self.rules.admit(tenant_id, reserve, self._attributes_now(), now)
+        return self.rules.admit(tenant_id, reserve, self._attributes_now(), now, views=views)
 
     def release_rules(self, holds: tuple[Reservation, ...]) -> None:
         self.rules.release(holds)

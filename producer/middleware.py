@@ -246,7 +246,7 @@ class TokenGuardMiddleware(ChatMiddleware):
             input_estimate = estimate_input_tokens(context.messages)
         model = options.get("model_id") or getattr(context.client, "model_id", None)
         reserve = Reserve(model if isinstance(model, str) else None, input_estimate, output, input_estimate + output)
-        verdict = self._admit_rules(tenant_id, reserve, datetime.now(UTC))
+        verdict = self._admit_rules(tenant_id, reserve, datetime.now(UTC), views=self.clamp_max_tokens)
         if not verdict.allowed:
             await self._refuse_rules(tenant_id, period_key, verdict)
         if self.clamp_max_tokens:

@@ -86,24 +86,32 @@ class RuleGate:
         """Whether any rule can match a call of ``tenant_id`` (cheap: the hot path asks first)."""
         return bool(self.book.defaults) or tenant_id in self.book.per_tenant
 
-    def view(self, rule: CompiledRule, tenant_id: str, now: float, own: int = 0) -> RuleView:
+    def _used(self, rule: CompiledRule, tenant_id: str, now: float) -> tuple[str, float, int]:
+        """(counter key, window end, used): the notice, this process's spend since, and its calls
+        in flight; a notice that the counter is exceeded at this very limit counts as the limit."""
         counter, end = rule.counter(now)
-        key = (tenant_id, counter)
-        used = self.snapshot.used(tenant_id, counter) + self._in_flight.tokens(key)
-        notice = self.snapshot.notice(tenant_id, counter)
+        snapshot = self.snapshot
+        used = snapshot.used(tenant_id, counter) + self._in_flight.tokens((tenant_id, counter))
+        notice = snapshot.notice(tenant_id, counter)
         if notice is not None:
             self._track(tenant_id, counter)  # known from a notice only: expired like our own
-        if notice is not None and notice.state == "exceeded" and notice.limit_tokens == rule.limit:
-            used = max(used, rule.limit)
+            if notice.state == "exceeded" and notice.limit_tokens == rule.limit and used < rule.limit:
+                used = rule.limit
+        return counter, end, used
+
+    def view(self, rule: CompiledRule, tenant_id: str, now: float, own: int = 0) -> RuleView:
+        counter, end, used = self._used(rule, tenant_id, now)
         return RuleView(
             name=rule.name, counter=counter, measure=rule.measure, used=used, limit=rule.limit,
             remaining=max(0, rule.limit - used - own), retry_after_s=max(0.0, end - now), blocks=rule.blocks,
             level=rule.level(used),
         )
 
-    def admit(self, tenant_id: str, reserve: Reserve, attributes: dict[str, str], now: datetime) -> Verdict:
+    def admit(self, tenant_id: str, reserve: Reserve, attributes: dict[str, str], now: datetime, *,
+              views: bool = False) -> Verdict:
         """Whether every blocking rule matching the call has room for its reservation; if so, the
-        reservations are held (``release`` them when the call ends)."""
+        reservations are held (``release`` them when the call ends). ``views``: report every
+        matching rule's view in the verdict (for clamping), not only the refusing ones'."""
         ts = now.timestamp()
         rules = self.book.matching(tenant_id, reserve.model, attributes, ts)
         if not rules:
@@ -111,26 +119,26 @@ class RuleGate:
         self._expire(ts)
         refused: list[RuleView] = []
         unpriced: list[RuleView] = []
-        views: list[RuleView] = []
         wanted = []
+        prices = self.book.prices
         for rule in rules:
-            own = rule.amount(reserve, self.book.prices, now)
+            own = rule.amount(reserve, prices, now)
             if own is None:  # a cost rule that cannot price this call, and refuses such calls
-                view = self.view(rule, tenant_id, ts)
                 if rule.blocks:
-                    unpriced.append(view)
+                    unpriced.append(self.view(rule, tenant_id, ts))
                 own = 0
+                counter = rule.counter(ts)[0]
             else:
-                view = self.view(rule, tenant_id, ts, own)
-                if rule.blocks and (view.used >= rule.limit or view.used + own > rule.limit):
-                    refused.append(view)
-            views.append(view)
-            wanted.append(((tenant_id, view.counter), own))
+                counter, _, used = self._used(rule, tenant_id, ts)
+                if rule.blocks and (used >= rule.limit or used + own > rule.limit):
+                    refused.append(self.view(rule, tenant_id, ts, own))
+            wanted.append(((tenant_id, counter), own))
+        seen = tuple(self.view(rule, tenant_id, ts) for rule in rules) if views or refused or unpriced else ()
         if refused:
-            return Verdict(False, tuple(refused), (), tuple(views))
+            return Verdict(False, tuple(refused), (), seen)
         if unpriced:
-            return Verdict(False, tuple(unpriced), (), tuple(views), "unpriced_model")
-        return Verdict(True, (), tuple(self._in_flight.reserve(key, own) for key, own in wanted), tuple(views))
+            return Verdict(False, tuple(unpriced), (), seen, "unpriced_model")
+        return Verdict(True, (), tuple(self._in_flight.reserve(key, own) for key, own in wanted), seen)
 
     def release(self, holds: tuple[Reservation, ...]) -> None:
         for hold in holds:
@@ -150,10 +158,11 @@ class RuleGate:
             counter, _ = rule.counter(ts)
             before = snapshot.used(tenant_id, counter)
             snapshot.add_local(tenant_id, counter, amount)
-            self._track(tenant_id, counter)
+            if rule.window.kind == "rate":
+                self._track(tenant_id, counter)
             spent.append((counter, amount))
             after = before + amount
-            if rule.level(after) > rule.level(before) or before < rule.limit <= after:
+            if (rule.points and rule.level(after) > rule.level(before)) or before < rule.limit <= after:
                 crossed.append(self.view(rule, tenant_id, ts))
         return spent, crossed
 

@@ -100,7 +100,7 @@ def test_warn_rules_never_refuse() -> None:
     g = gate(r)
     g.snapshot.add_local(TENANT, counter(r), 500)
     g.snapshot.apply_notice(notice(r, "exceeded", 500, 10))
-    verdict = g.admit(TENANT, call(100), {}, NOW)
+    verdict = g.admit(TENANT, call(100), {}, NOW, views=True)
     assert verdict.allowed
     assert [v.blocks for v in verdict.views] == [False]
 
