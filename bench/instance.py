@@ -5,6 +5,7 @@ prints one JSON line per result.
 
     watch:    reports when each of the tenants probe-0 .. probe-N-1 becomes blocked here
     overshoot: calls for one tenant as fast as it can until refused, with ours or the seed's middleware
+               (``--variant rule``: ours, refused only by a quota rule the bench set for the tenant)
 """
 
 from __future__ import annotations
@@ -76,14 +77,15 @@ async def overshoot(args: argparse.Namespace) -> None:
         from token_guard_middleware.token_tracker import QuotaExceededError as SeedQuotaExceededError
 
         middleware = SeedMiddleware(
-            on_usage=count, quota_store=InMemoryQuotaStore(), quota_tokens=args.limit, user_id_getter=lambda _: "hot"
+            on_usage=count, quota_store=InMemoryQuotaStore(), quota_tokens=args.limit, user_id_getter=lambda _: args.tenant
         )
         await wait_for_go()
         started, ended = await call_until_refused(middleware, SeedQuotaExceededError)
     else:
         async with KafkaQuotaStore(config(args)) as store:
+            quota = 10**12 if args.variant == "rule" else args.limit  # a rule variant: only the rule binds
             middleware = TokenGuardMiddleware(
-                quota_store=store, quota_tokens=args.limit, on_usage=count, user_id_getter=lambda _: "hot"
+                quota_store=store, quota_tokens=quota, on_usage=count, user_id_getter=lambda _: args.tenant
             )
             await wait_for_go()
             started, ended = await call_until_refused(middleware, QuotaExceededError)
@@ -98,7 +100,8 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, default=6)
     parser.add_argument("--name", required=True)
     parser.add_argument("--trials", type=int, default=20)
-    parser.add_argument("--variant", choices=["ours", "seed"], default="ours")
+    parser.add_argument("--variant", choices=["ours", "seed", "rule"], default="ours")
+    parser.add_argument("--tenant", default="hot")
     parser.add_argument("--limit", type=int, default=1_000_000)
     parser.add_argument("--reply-words", type=int, default=40)
     args = parser.parse_args()

@@ -5,32 +5,45 @@ per process, as the seed would be deployed across processes) shows what it is th
 
     python bench/overshoot.py            # 16 processes, limit 2,000,000 tokens
     python bench/overshoot.py --quick    # 4 processes, limit 200,000 tokens
+
+Three fleets in one run, side by side: ours against the tenant's limit for its calendar period
+(``quota_tokens``); ours against a tokens-per-minute quota rule of the same limit (a rate window of
+60 s, thresholds 0.5/0.8/0.9; the fleet starts just after a minute begins, so its whole burst
+falls in one window, which the result checks); and the seed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import time
+from datetime import UTC, datetime
 
 from _common import Fleet, broker, emit, fresh_layout, start_aggregator, stop_process
 
+from aggregator.limits import write_rule
 from producer import KafkaConnection, ensure_topics
+from schemas.policy import QuotaRule
 
 
-async def run_fleet(variant: str, bootstrap: str, prefix: str, partitions: int, instances: int, limit: int) -> list[dict]:
+async def run_fleet(variant: str, bootstrap: str, prefix: str, partitions: int, instances: int, limit: int,
+                    tenant: str = "hot", at_minute_start: bool = False) -> list[dict]:
     fleet = Fleet()
     try:
         for index in range(instances):
             await fleet.spawn("overshoot", "--variant", variant, "--bootstrap-servers", bootstrap, "--topic-prefix", prefix,
-                              "--partitions", str(partitions), "--name", f"{variant}{index}", "--limit", str(limit))
+                              "--partitions", str(partitions), "--name", f"{variant}{index}", "--limit", str(limit),
+                              "--tenant", tenant)
         await fleet.ready()
+        if at_minute_start:
+            await asyncio.sleep(60 - time.time() % 60 + 0.5)
         fleet.go()
         return [line for child in fleet.children for line in await fleet.lines(child)]
     finally:
         await fleet.close()
 
 
-def summarize(results: list[dict], limit: int) -> dict[str, float]:
+def summarize(results: list[dict], limit: int) -> dict[str, float | bool]:
     tokens = sum(r["tokens"] for r in results)
     calls = sum(r["calls"] for r in results)
     began = min(r["started"] for r in results)
@@ -49,18 +62,32 @@ async def main(instances: int, limit: int) -> None:
         aggregator = await start_aggregator(bootstrap, layout, f"{layout.prefix}aggregator")
         try:
             ours = summarize(await run_fleet("ours", bootstrap, layout.prefix, layout.partitions, instances, limit), limit)
+            await write_rule(connection, layout, QuotaRule(
+                name="tpm", tenant_id="tpm", limit=limit, window="rate", window_seconds=60, thresholds=(0.5, 0.8, 0.9),
+                effective_from=datetime(2020, 1, 1, tzinfo=UTC), updated_at=datetime.now(UTC)))
+            results = await run_fleet("rule", bootstrap, layout.prefix, layout.partitions, instances, limit,
+                                      tenant="tpm", at_minute_start=True)
+            rule = summarize(results, limit)
+            windows = {int(r["started"]) // 60 for r in results} | {int(r["ended"]) // 60 for r in results}
+            rule["one_window"] = len(windows) == 1
         finally:
             await stop_process(aggregator)
         seed = summarize(await run_fleet("seed", bootstrap, layout.prefix, layout.partitions, instances, limit), limit)
     print("\n| middleware | processes | limit | tokens admitted | overshoot | of limit | ms of fleet spend | calls |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, figures in (("ours (Kafka)", ours), ("seed (memory per process)", seed)):
+    rows = (("ours (Kafka), calendar period", ours), ("ours (Kafka), tokens-per-minute rule", rule),
+            ("seed (memory per process)", seed))
+    for name, figures in rows:
         print(f"| {name} | {instances} | {limit:,} | {figures['tokens']:,} | {figures['overshoot']:,} | "
               f"{figures['fraction']:.2%} | {figures['ms_of_spend']:.0f} ms | {figures['calls']:,} |")
     print(f"fleet spend {ours['tokens'] / ours['seconds']:,.0f} tokens/s at {ours['per_call']:.0f} tokens a call; "
           f"one call per process in flight adds up to {instances * ours['per_call']:,.0f} tokens")
+    if not rule["one_window"]:
+        print("WARNING: the rule fleet's burst crossed a minute boundary; its figure is not one window's")
     emit({"overshoot_tokens": ours["overshoot"], "overshoot_fraction": round(ours["fraction"], 4),
           "overshoot_ms_of_spend": round(ours["ms_of_spend"], 1), "seed_overshoot_tokens": seed["overshoot"],
+          "tpm_overshoot_tokens": rule["overshoot"], "tpm_overshoot_fraction": round(rule["fraction"], 4),
+          "tpm_overshoot_ms_of_spend": round(rule["ms_of_spend"], 1), "tpm_one_window": rule["one_window"],
           "instances": instances, "limit": limit})
 
 
