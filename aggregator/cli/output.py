@@ -7,6 +7,7 @@ import json
 from pydantic import ValidationError
 
 from schemas.limits import QuotaLimit
+from schemas.policy import parse_counter_key
 from schemas.totals import TotalsRecord
 
 
@@ -24,8 +25,11 @@ def printable(value: object) -> str:
 
 
 def totals_row(record: TotalsRecord) -> str:
-    """One ``usage show`` line."""
-    return (f"{printable(record.tenant_id):<24} {printable(record.period_key):<12} {record.used_tokens:>14,} "
+    """One ``usage show`` line; a quota rule's counter shows as ``rule <name> <window>`` (its
+    used and limit in the rule's unit: tokens, requests or micro-units of its currency)."""
+    parsed = parse_counter_key(record.period_key)
+    period = f"rule {parsed[0]} {parsed[2]}" if parsed else record.period_key
+    return (f"{printable(record.tenant_id):<24} {printable(period):<12} {record.used_tokens:>14,} "
             f"{record.limit_tokens:>14,} {record.event_count:>10,}  {printable(record.state)}")
 
 
@@ -33,8 +37,13 @@ TOTALS_HEADER = f"{'tenant':<24} {'period':<12} {'used':>14} {'limit':>14} {'eve
 
 
 def totals_json(record: TotalsRecord) -> str:
-    """One ``usage show --json`` line: exact values, every non-ASCII character escaped."""
-    return json.dumps(record.model_dump(mode="json"), ensure_ascii=True)
+    """One ``usage show --json`` line: exact values, every non-ASCII character escaped; a quota
+    rule's counter also says its ``rule`` and ``window``."""
+    fields = record.model_dump(mode="json")
+    parsed = parse_counter_key(record.period_key)
+    if parsed:
+        fields |= {"rule": parsed[0], "window": parsed[2]}
+    return json.dumps(fields, ensure_ascii=True)
 
 
 def show_limit(limit: QuotaLimit) -> str:

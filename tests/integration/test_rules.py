@@ -18,10 +18,21 @@ from aggregator.replay import replay
 from aggregator.simulate import simulate_topic
 from producer import KafkaQuotaStore, ProducerConfig, QuotaExceededError, TokenGuardMiddleware, usage_scope
 from producer.scripted import ScriptedChatClient
-from schemas.policy import QuotaRule, parse_counter_key
+from schemas.policy import QuotaRule, counter_key, parse_counter_key, rule_key
 from schemas.prices import ModelPrice, price_key
 from schemas.wire import decode_usage, encode
-from tests.helpers import eventually, read_topic, run_agent, running_aggregator, send_raw, verified
+from tests.helpers import (
+    RawRecord,
+    eventually,
+    make_event,
+    read_topic,
+    reason_of,
+    run_agent,
+    running_aggregator,
+    send_raw,
+    send_records,
+    verified,
+)
 from transport.admin import ensure_topics
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -64,12 +75,13 @@ class Caller:
 
 
 def counters(records: dict[tuple[str, str], Any], tenant: str) -> dict[str, int]:
-    """Rule name -> used, of ``tenant``'s rule counters in the changelog."""
-    found = {}
+    """Rule name -> used, of ``tenant``'s rule counters in the changelog (summed over windows, so
+    a test that runs across a window's end still compares totals)."""
+    found: dict[str, int] = {}
     for (who, period), record in records.items():
         parsed = parse_counter_key(period)
         if who == tenant and parsed is not None:
-            found[parsed[0]] = record.used_tokens
+            found[parsed[0]] = found.get(parsed[0], 0) + record.used_tokens
     return found
 
 
@@ -255,3 +267,68 @@ async def test_the_simulator_matches_what_the_live_fleet_did(
     crossing = next(i for i in range(len(calls)) if sum(calls[: i + 1]) >= 1_000)
     assert tighter.refused_calls == len(calls) - crossing - 1
     assert tighter.refused_tokens == sum(calls[crossing + 1:])
+
+
+async def test_hostile_records_cannot_forge_or_feed_a_rule(
+    producer_config: ProducerConfig, aggregator_config: AggregatorConfig
+) -> None:
+    """Anyone who can write the topics: rule records that are not ours (deep nesting, a key naming
+    another rule, a value that is not a rule) are skipped and counted by both sides, the genuine
+    rule after them applies; a usage event whose period key is a rule counter's is dead-lettered
+    and adds to no counter."""
+    await ensure_topics(producer_config.connection, producer_config.topics)
+    genuine = rule("daily", "victim", 1_000, window="day")
+    forged = rule("daily", "other", 1, window="day")
+    await send_raw(producer_config.connection, producer_config.topics.limits, [
+        (b'["rule",' + b"[" * 5_000, encode(forged)),
+        (rule_key("victim", "daily"), encode(forged)),  # names another tenant's rule
+        (rule_key("victim", "daily"), b'{"name": 5}'),
+        (rule_key(None, "x"), b"\xff" * 100),
+    ])
+    await set_rules(producer_config, genuine)
+    counter = counter_key("daily", genuine.basis, datetime.now(UTC).date().isoformat())
+    pollution = make_event("victim", 10**6, period=counter)
+    fine = make_event("victim", 300)
+    await send_records(producer_config.connection, producer_config.topics.usage, [
+        RawRecord(b"victim", encode(pollution)), RawRecord(b"victim", encode(fine))])
+    async with running_aggregator(aggregator_config) as aggregator, KafkaQuotaStore(producer_config) as store:
+        assert store.limits.invalid == 4 and store.limits.failed is None
+        assert store.rules.book.governing("victim", "daily") is not None
+        assert store.rules.book.governing("other", "daily") is None
+        await eventually(lambda: aggregator.stats.events + aggregator.stats.dead_letters == 2, what="both records")
+        assert aggregator.stats.dead_letters == 1
+        report = await verified(aggregator_config)
+        assert report.invalid == {"reserved_period_key": 1}
+    letters = await read_topic(producer_config.connection, producer_config.topics.dead_letters)
+    assert [reason_of(letter) for letter in letters] == ["reserved_period_key"]
+    records = await read_changelog(aggregator_config.connection, aggregator_config.topics.totals)
+    assert counters(records, "victim") == {"daily": 300}
+
+
+async def test_rule_counters_survive_an_aggregator_restart_exactly(
+    producer_config: ProducerConfig, aggregator_config: AggregatorConfig
+) -> None:
+    """Usage keeps arriving while the aggregator is stopped and started again: its rule counters
+    are restored from the changelog, the records after the committed offsets are applied once each
+    (per-key replay guard), and every counter equals the independent recompute."""
+    await set_rules(producer_config, rule("daily", None, 10**12, window="day"),
+                    rule("tpm", None, 10**12, window="rate", window_seconds=3600, measure="requests"))
+    async with KafkaQuotaStore(producer_config) as store:
+        agent = Agent(ScriptedChatClient(reply_words=(5, 40), seed=3))
+        callers = [Caller(store, f"tenant-{i}") for i in range(5)]
+
+        async def spend(calls: int) -> None:
+            for n in range(calls):
+                await run_agent(agent, middleware=[callers[n % len(callers)].guard])
+            await store.publisher.flush()
+
+        async with running_aggregator(aggregator_config):
+            await spend(60)
+        await spend(60)  # while no aggregator runs
+        async with running_aggregator(aggregator_config):
+            await spend(60)
+            report = await verified(aggregator_config)
+    assert report.keys >= 5 * 3 and report.events == 180
+    records = await read_changelog(aggregator_config.connection, aggregator_config.topics.totals)
+    for caller, index in zip(callers, range(5), strict=True):
+        assert counters(records, f"tenant-{index}") == {"daily": caller.spent, "tpm": 36}
