@@ -45,6 +45,7 @@ class Totals:
     state: QuotaState = "ok"
     event_quota: int | None = None
     level: int = 0  # a rule counter's thresholds reached, as last published (not in the changelog)
+    first_offset: int | None = None  # the usage offset of the first event counted
 
 
 def lowest_quota(held: int | None, carried: int) -> int:
@@ -151,6 +152,7 @@ class TotalsState:
             limit=record.limit_tokens,
             state=record.state,
             event_quota=record.event_quota_tokens,
+            first_offset=record.first_offset,
         )
 
     def remember(self, partition: int, events: Iterable[UsageEvent]) -> None:
@@ -188,7 +190,7 @@ class TotalsState:
         window.add(who, content)
         for key, amount, rule, totals in fresh:
             if totals is None:
-                totals = all_totals[key] = Totals(partition=partition)
+                totals = all_totals[key] = Totals(partition=partition, first_offset=offset)
                 if rule is not None and rule.window.kind == "rate":
                     self._index_rate(key)
             totals.used += amount
@@ -344,4 +346,5 @@ class TotalsState:
             "applied_offset": totals.applied_offset,
             "updated_at": now,
             "event_quota_tokens": totals.event_quota,
+            "first_offset": totals.first_offset,
         }

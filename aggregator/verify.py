@@ -27,7 +27,7 @@ from schemas.windows import rate_window_end
 from transport.admin import committed_offsets, topic_partitions
 from transport.connection import KafkaConnection
 from transport.fetch import Unreadable
-from transport.reading import end_offsets, read_ranges
+from transport.reading import end_offsets, offset_bounds, read_ranges
 
 Key = tuple[str, str]
 
@@ -89,6 +89,10 @@ class Recompute:
         self.records += 1
         self.invalid["unreadable_record"] += 1
 
+    def keys_of(self, event: UsageEvent) -> list[Key]:
+        """The keys ``event`` counts in: its tenant-period and its rule counters."""
+        return [key for key, _ in self._counted(event)]
+
     def forget(self, event: UsageEvent) -> None:
         """Take back a counted event (its id stays seen: repeats of it still count as repeats)."""
         for key, amount in self._counted(event):
@@ -125,6 +129,33 @@ def compare(expected: dict[Key, KeyTotals], actual: dict[Key, TotalsRecord]) -> 
     return differences
 
 
+@dataclass(frozen=True)
+class Unverifiable:
+    """A key some of whose events the topic no longer holds (its first event is before its usage
+    partition's log start): the changelog's totals cannot be recomputed, only kept."""
+
+    key: Key
+    changelog: KeyTotals
+    retained: KeyTotals | None
+    log_start: int
+
+    def __str__(self) -> str:
+        kept = "none" if self.retained is None else f"{self.retained.used} tokens / {self.retained.events} events"
+        return (f"{self.key[0]!r} {self.key[1]!r}: not verifiable, events before the log start "
+                f"(offset {self.log_start}): aggregator {self.changelog.used} tokens / "
+                f"{self.changelog.events} events, still on the topic {kept}")
+
+
+def truncated(record: TotalsRecord, log_starts: dict[int, int]) -> bool:
+    """Whether some of a key's events may be gone from the usage topic: its first event lies before
+    its partition's log start (retention or DeleteRecords moved it); for a record that does not
+    say where its first event was, whenever the partition has lost any record."""
+    start = log_starts.get(record.usage_partition, 0)
+    if start <= 0:
+        return False
+    return record.first_offset is None or record.first_offset < start
+
+
 @dataclass
 class VerifyReport:
     records: int = 0
@@ -136,6 +167,7 @@ class VerifyReport:
     differences: list[Difference] = field(default_factory=list)
     changelog_rejected: Counter[str] = field(default_factory=Counter)
     expired: int = 0
+    unverifiable: list[Unverifiable] = field(default_factory=list)
 
 
 async def group_lag(connection: KafkaConnection, group_id: str, topic: str) -> int:
@@ -151,7 +183,9 @@ async def verify(
 ) -> VerifyReport:
     """Wait (up to ``wait_s``) for the group to catch up, then recompute and compare.
 
-    Meant for a drained stream: events published while it runs show up as differences. Rule
+    Meant for a drained stream: events published while it runs show up as differences. A key
+    whose first event is before its partition's log start (retention deleted some of its events)
+    is not compared: it is reported in ``unverifiable`` with both figures. Rule
     counters are recomputed with ``rules`` (default: the rules on the limits topic now); a rate
     window's counter that the aggregator has dropped (ended over ``rate_window_keep_s`` ago) is
     not a difference (``report.expired`` counts them): those counters enforce, they do not bill.
@@ -170,7 +204,7 @@ async def verify(
         for record in records:
             recompute.add(record)
     expected = recompute.totals()
-    usage_ends = await end_offsets(connection, layout.usage)
+    log_starts, usage_ends = await offset_bounds(connection, layout.usage)
     actual = await read_changelog(
         connection, layout.totals, usage_ends=usage_ends, partition_count=len(partitions),
         rejected=report.changelog_rejected,
@@ -184,6 +218,11 @@ async def verify(
     for key in [k for k in expected if k not in actual and _rate_window_ended(k[1], ended_before)]:
         del expected[key]
         report.expired += 1
+    for key, record in list(actual.items()):
+        have = KeyTotals(record.used_tokens, record.event_count)
+        if expected.get(key) != have and truncated(record, log_starts):
+            report.unverifiable.append(Unverifiable(key, have, expected.pop(key, None), log_starts[record.usage_partition]))
+            del actual[key]
     report.differences = compare(expected, actual)
     return report
 

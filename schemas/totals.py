@@ -30,3 +30,7 @@ class TotalsRecord(BaseModel):
     updated_at: Timestamp
     # The quota the key's latest event carried: the limit again if a limits-topic limit is removed.
     event_quota_tokens: LimitTokens | None = None
+    # The usage offset of the first event counted (None: written before this field existed). Once
+    # the usage partition's log start passes it, some of the key's events are gone from the topic:
+    # the totals can no longer be recomputed from it, only kept (``verify`` and ``replay`` know).
+    first_offset: Offset | None = None

@@ -77,11 +77,19 @@ async def read_ranges(
 
 async def end_offsets(connection: KafkaConnection, topic: str) -> dict[int, int]:
     """Per partition, the offset the next record will get."""
+    return (await offset_bounds(connection, topic))[1]
+
+
+async def offset_bounds(connection: KafkaConnection, topic: str) -> tuple[dict[int, int], dict[int, int]]:
+    """(log starts, ends) per partition: the first offset still stored (it moves past records that
+    retention or a DeleteRecords request removed) and the offset the next record will get."""
     partitions = await topic_partitions(connection, topic)
     consumer = AIOKafkaConsumer(**connection.client_kwargs(), group_id=None, enable_auto_commit=False)
     await start_consumer(consumer)
     try:
-        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
+        tps = [TopicPartition(topic, p) for p in partitions]
+        starts = await consumer.beginning_offsets(tps)
+        ends = await consumer.end_offsets(tps)
     finally:
         await close_consumer(consumer)
-    return {tp.partition: offset for tp, offset in ends.items()}
+    return {tp.partition: offset for tp, offset in starts.items()}, {tp.partition: offset for tp, offset in ends.items()}

@@ -82,6 +82,11 @@ async def report(config: AggregatorConfig, wait_s: float) -> int:
     )
     for difference in result.differences:
         print(f"DIFFERENCE {printable(difference)}")
+    for sealed in result.unverifiable:
+        print(f"NOT VERIFIABLE {printable(sealed)}")
+    if result.unverifiable:
+        print(f"not verifiable (events before the usage topic's log start; kept as the aggregator counted "
+              f"them, not differences): {len(result.unverifiable)}")
     print(f"differences: {len(result.differences)}")
     if result.lag > 0:
         print(f"the aggregator group {printable(repr(config.group_id))} is {result.lag} records behind; "

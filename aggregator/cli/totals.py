@@ -67,18 +67,29 @@ class IsoTime(click.ParamType):
 
 
 @click.command(cls=Command, short_help="rebuild totals from the usage topic (aggregators stopped)")
-@click.option("--since", type=IsoTime(), help="count only events at or after this time (UTC if no offset)")
+@click.option("--since", type=IsoTime(), help="rebuild only the tenant-periods whose events are all at or after this "
+              "time (UTC if no offset); those with an earlier event keep their totals")
 @deployment_options()
 @click.pass_context
 def replay(ctx: click.Context, since: datetime | None) -> int:
     """Rebuild the aggregator's totals from the usage topic. Stop the aggregators first (it refuses
-    while the group has members); they resume on the rebuilt state."""
+    while the group has members); they resume on the rebuilt state. Tenant-periods some of whose
+    events retention has deleted keep the totals the aggregator counted (never lowered to what is
+    left)."""
     settings, config = load(ctx)
 
     async def rebuilt() -> int:
-        written = await rebuild(config, since=since)
-        print(f"rebuilt {written} tenant-periods from {printable(config.topics.usage)}; "
+        result = await rebuild(config, since=since)
+        print(f"rebuilt {result.written} tenant-periods from {printable(config.topics.usage)}; "
               f"group {printable(repr(config.group_id))} resumes at its end")
+        if result.kept_truncated:
+            print(f"kept {result.kept_truncated} tenant-periods as counted: some of their events are before the "
+                  "usage topic's log start (retention), so the topic cannot rebuild them")
+        if result.kept_before_since:
+            print(f"kept {result.kept_before_since} tenant-periods as counted: they have events before --since")
+        if result.lost_and_truncated:
+            print(f"WARNING: {result.lost_and_truncated} tenant-periods had no changelog record on partitions that "
+                  "lost events to retention: rebuilt from what is left, which may be less than was used")
         return EXIT_OK
 
     return run(ctx.command_path, config.connection, settings.connect_timeout_s, rebuilt)
