@@ -6,14 +6,23 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import Field
 
 from schemas._types import MAX_LIMIT_TOKENS, Identifier
-from schemas.topics import TopicLayout
+from schemas.topics import (
+    DEFAULT_LONGEST_PERIOD_S,
+    DEFAULT_SEAL_GRACE_S,
+    TopicLayout,
+    default_usage_retention_ms,
+    required_retention_ms,
+)
 from transport.connection import DeploymentSettings, KafkaConnection, NonBlank
+
+# Ten years: a bound that keeps a typo (milliseconds for seconds) from asking for centuries of retention.
+MAX_PERIOD_S = 3660 * 86_400
 
 
 def default_aggregator_id() -> str:
@@ -51,6 +60,18 @@ class AggregatorConfig:
     metrics_host: str = "127.0.0.1"
     idempotence: bool = True
     create_topics: bool = True
+    # How long after a period's end its late events still count in it; the period seals then.
+    seal_grace_s: float = float(DEFAULT_SEAL_GRACE_S)
+    # The longest period or window the fleet counts in (a calendar month by default; a year rule
+    # needs 366 days). With the grace it sets the usage topic's required retention.
+    longest_period_s: float = float(DEFAULT_LONGEST_PERIOD_S)
+    # Start even though the usage topic keeps events for less than ``required_retention_ms`` (a warning).
+    allow_short_retention: bool = False
+
+    @property
+    def required_retention_ms(self) -> int:
+        """How long the usage topic must keep events: ``schemas.topics.required_retention_ms``."""
+        return required_retention_ms(self.longest_period_s, self.seal_grace_s)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.warning_ratio <= 1.0:
@@ -61,6 +82,9 @@ class AggregatorConfig:
             raise ValueError("heartbeat_interval_s, reassert_interval_s must be positive, rate_window_keep_s >= 0")
         if self.batch_max < 1 or self.batch_window_ms < 1 or self.dedup_window < 1:
             raise ValueError("batch_max, batch_window_ms and dedup_window must be positive")
+        if not 0 < self.longest_period_s <= MAX_PERIOD_S or not 0 <= self.seal_grace_s <= MAX_PERIOD_S:
+            raise ValueError(f"longest_period_s must be in (0, {MAX_PERIOD_S}] and seal_grace_s in [0, {MAX_PERIOD_S}], "
+                             f"got {self.longest_period_s} and {self.seal_grace_s}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> AggregatorConfig:
@@ -83,12 +107,22 @@ class AggregatorSettings(DeploymentSettings):
                                        validation_alias="TOKENGUARD_REASSERT_INTERVAL_S")
     metrics_port: int | None = Field(None, ge=1, le=65_535, validation_alias="TOKENGUARD_METRICS_PORT")
     metrics_host: NonBlank = Field(AggregatorConfig.metrics_host, validation_alias="TOKENGUARD_METRICS_HOST")
+    seal_grace_s: float = Field(AggregatorConfig.seal_grace_s, ge=0, le=MAX_PERIOD_S,
+                                validation_alias="TOKENGUARD_SEAL_GRACE_S")
+    longest_period_s: float = Field(AggregatorConfig.longest_period_s, gt=0, le=MAX_PERIOD_S,
+                                    validation_alias="TOKENGUARD_LONGEST_PERIOD_S")
+    allow_short_retention: bool = Field(False, validation_alias="TOKENGUARD_ALLOW_SHORT_RETENTION")
 
     def config(self) -> AggregatorConfig:
+        # The usage topic is created with the retention its periods need (63 days for months).
+        layout = replace(self.layout(), usage_retention_ms=default_usage_retention_ms(self.longest_period_s,
+                                                                                      self.seal_grace_s))
         return AggregatorConfig(
-            connection=self.connection(), topics=self.layout(), group_id=self.group_id,
+            connection=self.connection(), topics=layout, group_id=self.group_id,
             default_limit=self.default_limit, warning_ratio=self.warning_ratio,
             group_instance_id=self.group_instance_id, dedup_window=self.dedup_window,
             session_timeout_ms=self.session_timeout_ms, reassert_interval_s=self.reassert_interval_s,
             metrics_port=self.metrics_port, metrics_host=self.metrics_host, idempotence=self.idempotence,
+            seal_grace_s=self.seal_grace_s, longest_period_s=self.longest_period_s,
+            allow_short_retention=self.allow_short_retention,
         )

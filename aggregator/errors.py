@@ -9,3 +9,7 @@ class AggregatorError(Exception):
 
 class RestoreError(AggregatorError):
     """State could not be rebuilt from the totals changelog; processing must not start without it."""
+
+
+class RetentionError(AggregatorError):
+    """The usage topic keeps events for less than its periods need (period, seal grace, verify margin)."""

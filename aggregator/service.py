@@ -29,6 +29,7 @@ from aggregator import recovery
 from aggregator.batch import BatchApplier
 from aggregator.checkpoint import Checkpoint
 from aggregator.config import AggregatorConfig
+from aggregator.errors import RetentionError
 from aggregator.intake import expected_partition
 from aggregator.limits import LimitsFeed
 from aggregator.notices import NoticesWatch
@@ -40,6 +41,7 @@ from transport.admin import (
     TopicMismatchError,
     close_consumer,
     ensure_topics,
+    retention_findings,
     start_consumer,
     topic_partitions,
 )
@@ -125,6 +127,15 @@ class AggregatorService:
         if partitions[config.topics.usage] != partitions[config.topics.totals]:
             raise TopicMismatchError("the totals changelog must have as many partitions as the usage topic")
         self._partitions = partitions[config.topics.usage]
+        problem, warning = await retention_findings(config.connection, config.topics.usage,
+                                                    longest_period_s=config.longest_period_s,
+                                                    seal_grace_s=config.seal_grace_s)
+        if warning:
+            log.warning("%s", warning)
+        if problem and not config.allow_short_retention:
+            raise RetentionError(problem)
+        if problem:
+            log.warning("starting anyway (TOKENGUARD_ALLOW_SHORT_RETENTION): %s", problem)
         client = config.connection.client_kwargs()
         producer = AIOKafkaProducer(
             **client,

@@ -2,9 +2,73 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 DEFAULT_PREFIX = "tokenguard."
+DAY_S = 86_400
+# The longest period the fleet counts in by default: a calendar month, at most 31 days.
+DEFAULT_LONGEST_PERIOD_S = 31 * DAY_S
+# How long after a period's end its late events still count in it (the aggregator seals it then).
+DEFAULT_SEAL_GRACE_S = 6 * 3600
+
+
+def required_retention_ms(longest_period_s: float, seal_grace_s: float) -> int:
+    """How long the usage topic must keep an event: the longest period plus the seal grace, so
+    every event of a period is still there when the period seals, plus one more longest period,
+    so the period before the current one can still be verified or replayed from the topic after
+    it sealed (``tokenguard verify`` and ``replay`` read usage from its start). Monthly periods:
+    2 x 31 days + 6 h = 62.25 days."""
+    return math.ceil((2 * longest_period_s + seal_grace_s) * 1000)
+
+
+def default_usage_retention_ms(longest_period_s: float, seal_grace_s: float) -> int:
+    """The ``retention.ms`` the usage topic is created with: the required retention rounded up to
+    whole days (63 days for monthly periods), a figure an operator reads at a glance."""
+    day_ms = DAY_S * 1000
+    return math.ceil(required_retention_ms(longest_period_s, seal_grace_s) / day_ms) * day_ms
+
+
+def _days(ms: float) -> str:
+    return f"{ms / (DAY_S * 1000):.2f}".rstrip("0").rstrip(".")
+
+
+def retention_problem(
+    topic: str, configs: Mapping[str, str], *, longest_period_s: float, seal_grace_s: float, bootstrap: str = "HOST"
+) -> str | None:
+    """One line when ``topic``'s ``retention.ms`` (as described by the broker) is finite and shorter
+    than ``required_retention_ms``: what it is, what is needed and why, and how to fix it. None
+    when it is long enough, or infinite (-1)."""
+    required = required_retention_ms(longest_period_s, seal_grace_s)
+    raw = configs.get("retention.ms")
+    try:
+        retention = int(raw) if raw is not None else None
+    except ValueError:
+        return f"topic {topic!r} has retention.ms={raw!r}, not a number of milliseconds"
+    if retention is None or retention < 0 or retention >= required:
+        return None
+    wanted = default_usage_retention_ms(longest_period_s, seal_grace_s)
+    return (
+        f"topic {topic!r} keeps events {_days(retention)} days (retention.ms={retention}) but needs at least "
+        f"{_days(required)} days: the longest period ({_days(longest_period_s * 1000)} days) plus the seal grace "
+        f"({seal_grace_s / 3600:g} h), plus one more longest period to verify or replay the previous one after it "
+        f"seals; raise it with kafka-configs --bootstrap-server {bootstrap} --alter --entity-type topics --entity-name "
+        f"{topic} --add-config retention.ms={wanted}, or set TOKENGUARD_ALLOW_SHORT_RETENTION=true to start anyway"
+    )
+
+
+def retention_bytes_warning(topic: str, configs: Mapping[str, str]) -> str | None:
+    """One line when ``topic`` has a ``retention.bytes`` limit: each partition then deletes its
+    oldest events beyond that size whatever their age, periods still open included."""
+    raw = configs.get("retention.bytes")
+    if raw is None or raw.strip() == "-1":
+        return None
+    return (
+        f"topic {topic!r} has retention.bytes={raw}: each partition deletes its oldest events beyond that "
+        f"size whatever their age, even of periods still open; size it from the events per day (README, "
+        f"'Sizing the usage topic') or set it to -1"
+    )
 
 
 @dataclass(frozen=True)
@@ -25,7 +89,9 @@ class TopicLayout:
     prefix: str = DEFAULT_PREFIX
     partitions: int = 6
     replication_factor: int = 1
-    usage_retention_ms: int = 30 * 24 * 3600 * 1000
+    # Derived from the default longest period (a month) and seal grace: 63 days. A deployment that
+    # counts in longer periods gets its own from ``AggregatorSettings`` (``TOKENGUARD_LONGEST_PERIOD_S``).
+    usage_retention_ms: int = default_usage_retention_ms(DEFAULT_LONGEST_PERIOD_S, DEFAULT_SEAL_GRACE_S)
 
     @property
     def usage(self) -> str:

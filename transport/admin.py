@@ -11,7 +11,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 
-from schemas.topics import TopicLayout
+from schemas.topics import TopicLayout, retention_bytes_warning, retention_problem
 from transport.connection import KafkaConnection
 from transport.errors import TopicMismatchError
 
@@ -96,6 +96,36 @@ async def topic_partitions(connection: KafkaConnection, topic: str) -> list[int]
     if not found:
         raise TopicMismatchError(f"topic {topic!r} does not exist; create the topics first (the aggregator does)")
     return sorted(p["partition"] for p in found[0]["partitions"])
+
+
+async def topic_config(connection: KafkaConnection, topic: str) -> dict[str, str]:
+    """``topic``'s configuration as the broker describes it (its own settings and the broker
+    defaults it inherits, e.g. ``retention.ms``); ``TopicMismatchError`` when it does not exist."""
+    admin = AIOKafkaAdminClient(**connection.client_kwargs(), client_id="tokenguard-admin")
+    await admin.start()
+    try:
+        responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+    finally:
+        await admin.close()
+    for response in responses:
+        for error_code, _message, _type, name, entries in response.resources:
+            if name == topic:
+                if error_code != 0:
+                    raise TopicMismatchError(f"topic {topic!r}: describing its configuration failed: error {error_code}")
+                return {entry[0]: entry[1] for entry in entries if entry[1] is not None}
+    raise TopicMismatchError(f"topic {topic!r} does not exist; create the topics first (the aggregator does)")
+
+
+async def retention_findings(
+    connection: KafkaConnection, topic: str, *, longest_period_s: float, seal_grace_s: float
+) -> tuple[str | None, str | None]:
+    """(problem, warning) about the usage topic's retention, each one line or None: the problem when
+    its ``retention.ms`` is shorter than its periods need (``schemas.topics.retention_problem``), the
+    warning when a ``retention.bytes`` limit can delete events whatever their age."""
+    configs = await topic_config(connection, topic)
+    problem = retention_problem(topic, configs, longest_period_s=longest_period_s, seal_grace_s=seal_grace_s,
+                                bootstrap=connection.bootstrap_servers)
+    return problem, retention_bytes_warning(topic, configs)
 
 
 async def reached(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> bool:

@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import click
 
 from aggregator.acls import AclError, Principals, apply_acls, deployment_acls, kafka_acls_commands
 from aggregator.cli.contract import EXIT_OK, EXIT_PROBLEM, Command, Group, UsageError, run
 from aggregator.cli.options import deployment_options, load, setting
 from aggregator.cli.output import printable
-from transport.admin import TopicMismatchError, ensure_topics, topic_partitions
+from transport.admin import TopicMismatchError, ensure_topics, retention_findings, topic_partitions
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def retention_options(command: F) -> F:
+    """The settings the usage topic's retention follows: on ``aggregator`` and ``topics create|check``."""
+    command = setting("seal_grace_s", "--seal-grace", type=float, metavar="SECONDS",
+                      help="how long after a period's end its late events still count in it")(command)
+    return setting("longest_period_s", "--longest-period", type=float, metavar="SECONDS",
+                   help="the longest period or window counted in (a year rule: 31622400); with the grace "
+                        "it sets the usage topic's retention")(command)
 
 
 @click.group(cls=Group)
@@ -18,6 +32,7 @@ def topics() -> None:
 
 @topics.command()
 @setting("partitions", "--partitions", type=int, help="partitions of usage, totals and notices")
+@retention_options
 @deployment_options()
 @click.pass_context
 def create(ctx: click.Context) -> int:
@@ -34,10 +49,12 @@ def create(ctx: click.Context) -> int:
 
 
 @topics.command()
+@retention_options
 @deployment_options()
 @click.pass_context
 def check(ctx: click.Context) -> int:
-    """Print each topic's partitions; exit 1 if any is missing or mismatched."""
+    """Print each topic's partitions; exit 1 if any is missing or mismatched, or if the usage topic
+    keeps events for less than its periods need (RETENTION); a retention.bytes limit is a WARNING."""
     settings, config = load(ctx)
 
     async def checked() -> int:
@@ -49,6 +66,16 @@ def check(ctx: click.Context) -> int:
             except TopicMismatchError as exc:
                 print(f"MISSING {printable(exc)}")
                 problems += 1
+                continue
+            if spec.name == config.topics.usage:
+                problem, warning = await retention_findings(config.connection, spec.name,
+                                                            longest_period_s=config.longest_period_s,
+                                                            seal_grace_s=config.seal_grace_s)
+                if warning:
+                    print(f"WARNING {printable(warning)}")
+                if problem:
+                    print(f"RETENTION {printable(problem)}")
+                    problems += 1
         return EXIT_PROBLEM if problems else EXIT_OK
 
     return run(ctx.command_path, config.connection, settings.connect_timeout_s, checked)

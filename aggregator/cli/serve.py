@@ -10,6 +10,7 @@ import sys
 import click
 
 from aggregator.cli.contract import EXIT_OK, EXIT_PROBLEM, Command, run
+from aggregator.cli.deploy import retention_options
 from aggregator.cli.options import SERVICE_LOG, deployment_options, load, setting
 from aggregator.cli.output import printable
 from aggregator.config import AggregatorConfig
@@ -47,7 +48,8 @@ async def serve(config: AggregatorConfig) -> int:
     return EXIT_PROBLEM if failed else EXIT_OK
 
 
-@click.command(cls=Command, short_help="run the aggregator service", epilog="Exit codes: 0 stopped by a signal, 1 failed while running, 2 usage error, "
+@click.command(cls=Command, short_help="run the aggregator service", epilog="Exit codes: 0 stopped by a signal, 1 failed while running, "
+               "or at start when the usage topic keeps events for less than its periods need, 2 usage error, "
                "3 Kafka unreachable at start. SIGUSR1 prints every asyncio task's stack to stderr.")
 @deployment_options(log_default="INFO")
 @setting("partitions", "--partitions", type=int, help="partitions of usage/totals/notices when creating them")
@@ -65,6 +67,9 @@ async def serve(config: AggregatorConfig) -> int:
 @setting("metrics_host", "--metrics-host", metavar="ADDRESS", help="the address the metrics endpoint listens on")
 @setting("idempotence", "--idempotence/--no-idempotence",
          help="idempotent producer; off for Kafka-compatible services without it")
+@retention_options
+@setting("allow_short_retention", "--allow-short-retention/--no-allow-short-retention",
+         help="start (with a warning) even if the usage topic keeps events for less than the periods need")
 @click.pass_context
 def aggregator(ctx: click.Context) -> int:
     """Run the aggregator: consume usage events, keep exact token totals per tenant and period,
