@@ -125,9 +125,12 @@ class BatchApplier:
                 await self._dead_letter(record, exc.reason, exc.detail)
                 state.mark_position(tp.partition, record.offset)
                 continue
-            outcome = state.apply(tp.partition, record.offset, event)
+            outcome = state.apply(tp.partition, record.offset, event, record.timestamp / 1000)
             if outcome is Outcome.APPLIED:
                 stats.events += 1
+            elif outcome is Outcome.ADJUSTMENT:
+                stats.events += 1
+                stats.adjustments += 1
             elif outcome is Outcome.REPLAY:
                 stats.replays_skipped += 1
             elif outcome is Outcome.DUPLICATE:

@@ -27,8 +27,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from aggregator.deadletter import DeadLetter
-from aggregator.state import TotalsState
+from aggregator.state import Totals, TotalsState
 from schemas.notices import QuotaNotice
+from schemas.sealed import Adjustment, SealedTotals, adjustment_key, sealed_key, utc
 from schemas.topics import TopicLayout
 from schemas.wire import encode, encode_fields, tenant_period_key
 
@@ -68,7 +69,9 @@ class Checkpoint:
         dirty, notify = state.take_changes()
         clears = state.take_clears()
         expired = state.take_expired()
-        if not dirty and not notify and not clears and not expired and not self.offsets and not self._pending:
+        sealed = state.take_sealed()
+        adjustments = state.take_adjustments()
+        if not (dirty or notify or clears or expired or sealed or adjustments or self.offsets or self._pending):
             return
         producer, topics = self._producer, self._topics
         futures, self._pending = self._pending, []
@@ -77,10 +80,26 @@ class Checkpoint:
         for key, totals in dirty:
             value = encode_fields(state.record_fields(key, totals, now))
             by_partition.setdefault(totals.partition, []).append((tenant_period_key(*key), value))
-        for key, partition in expired:
+        for key, partition in [*expired, *((key, totals.partition) for key, totals, _ in sealed)]:
             by_partition.setdefault(partition, []).append((tenant_period_key(*key), None))
         for partition, records in by_partition.items():
             futures.extend(await self._send_records(topics.totals, partition, records))
+        # A sealed key's final totals go out in the same batch as its changelog tombstone, all
+        # before the commit: after a crash it is restored from the changelog and sealed again.
+        closed: dict[int, list[tuple[bytes, bytes | None]]] = {}
+        for key, totals, when in sealed:
+            closed.setdefault(totals.partition, []).append((sealed_key(*key), encode(self._sealed_record(key, totals, when, now))))
+        for partition, offset, event, appended_at in adjustments:
+            record = Adjustment.model_construct(
+                type="adjustment", tenant_id=event.tenant_id, period_key=event.period_key, event_id=event.event_id,
+                total_tokens=event.total_tokens, usage_partition=partition, usage_offset=offset,
+                event_time=event.event_time, appended_at=utc(appended_at), aggregator_id=self._aggregator_id,
+                recorded_at=now,
+            )
+            closed.setdefault(partition, []).append(
+                (adjustment_key(event.tenant_id, event.period_key, event.event_id), encode(record)))
+        for partition, records in closed.items():
+            futures.extend(await self._send_records(topics.sealed, partition, records))
         for key, totals, reason in notify:
             # The notice covers every record of its partition up to the position, not only up to
             # this key's last event: a later notice always outranks an earlier one in a snapshot.
@@ -98,7 +117,7 @@ class Checkpoint:
                 emitted_at=now,
             )
             futures.append(await producer.send(topics.notices, encode(notice), key=tenant_period_key(*key)))
-        for key in [*clears, *(key for key, _ in expired)]:
+        for key in [*clears, *(key for key, _ in expired), *(key for key, _, _ in sealed)]:
             futures.append(await producer.send(topics.notices, None, key=tenant_period_key(*key)))
         # 3. A failed send raises here, before the commit: the process dies and restores, crash-only.
         await asyncio.gather(*futures)
@@ -112,6 +131,13 @@ class Checkpoint:
             except (CommitFailedError, IllegalStateError) as exc:
                 self.commit_failures += 1
                 log.warning("offset commit skipped after a rebalance: %s", exc)
+
+    def _sealed_record(self, key: tuple[str, str], totals: Totals, when: float, now: datetime) -> SealedTotals:
+        return SealedTotals.model_construct(
+            type="sealed", tenant_id=key[0], period_key=key[1], used_tokens=totals.used, event_count=totals.events,
+            usage_partition=totals.partition, applied_offset=totals.applied_offset, first_offset=totals.first_offset,
+            seal_time=utc(when), aggregator_id=self._aggregator_id, sealed_at=now,
+        )
 
     async def _send_records(self, topic: str, partition: int, records: list[tuple[bytes, bytes | None]]) -> list[asyncio.Future[object]]:
         """One aiokafka batch per partition rather than one ``send()`` per key."""

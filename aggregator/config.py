@@ -67,6 +67,10 @@ class AggregatorConfig:
     longest_period_s: float = float(DEFAULT_LONGEST_PERIOD_S)
     # Start even though the usage topic keeps events for less than ``required_retention_ms`` (a warning).
     allow_short_retention: bool = False
+    # Seal each tenant-period seal_grace_s after its period ended (``schemas.sealed``): its final
+    # totals go to the sealed topic, it leaves memory and the changelog, later events become
+    # adjustments. False: periods never close (every event adds to its tenant-period for ever).
+    seal_periods: bool = True
 
     @property
     def required_retention_ms(self) -> int:
@@ -112,6 +116,7 @@ class AggregatorSettings(DeploymentSettings):
     longest_period_s: float = Field(AggregatorConfig.longest_period_s, gt=0, le=MAX_PERIOD_S,
                                     validation_alias="TOKENGUARD_LONGEST_PERIOD_S")
     allow_short_retention: bool = Field(False, validation_alias="TOKENGUARD_ALLOW_SHORT_RETENTION")
+    seal_periods: bool = Field(AggregatorConfig.seal_periods, validation_alias="TOKENGUARD_SEAL_PERIODS")
 
     def config(self) -> AggregatorConfig:
         # The usage topic is created with the retention its periods need (63 days for months).
@@ -124,5 +129,5 @@ class AggregatorSettings(DeploymentSettings):
             session_timeout_ms=self.session_timeout_ms, reassert_interval_s=self.reassert_interval_s,
             metrics_port=self.metrics_port, metrics_host=self.metrics_host, idempotence=self.idempotence,
             seal_grace_s=self.seal_grace_s, longest_period_s=self.longest_period_s,
-            allow_short_retention=self.allow_short_retention,
+            allow_short_retention=self.allow_short_retention, seal_periods=self.seal_periods,
         )

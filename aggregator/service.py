@@ -71,7 +71,8 @@ class AggregatorService:
     def __init__(self, config: AggregatorConfig) -> None:
         self.config = config
         self.limits = Limits(config.default_limit, warning_ratio=config.warning_ratio)
-        self.state = TotalsState(self.limits, dedup_window=config.dedup_window)
+        self.state = TotalsState(self.limits, dedup_window=config.dedup_window,
+                                 seal_grace_s=config.seal_grace_s if config.seal_periods else None)
         self.stats = AggregatorStats()
         self.assigned = asyncio.Event()
         self._limits_feed = LimitsFeed(config, self.limits, on_change=self._limit_changed)
@@ -256,6 +257,7 @@ class AggregatorService:
             return
         self._next_heartbeat = now + self.config.heartbeat_interval_s
         self.stats.rate_windows_expired += self.state.expire(time.time(), self.config.rate_window_keep_s)
+        self.stats.sealed += self.state.seal(time.time(), self._caught_up())
         producer = self._producer
         assert producer is not None
         emitted_at = datetime.now(UTC)
@@ -273,6 +275,19 @@ class AggregatorService:
             )
         await asyncio.gather(*futures)
         self.stats.heartbeats += len(futures)
+
+    def _caught_up(self) -> set[int]:
+        """Owned partitions whose every record (as of the last fetch) has been applied: their
+        periods can seal by the clock, not only by a later record's timestamp."""
+        consumer = self._consumer
+        if consumer is None:
+            return set()
+        caught_up = set()
+        for partition in self._owned:
+            highwater = consumer.highwater(TopicPartition(self.config.topics.usage, partition))
+            if highwater is not None and self.state.partition_offsets.get(partition, -1) + 1 >= highwater:
+                caught_up.add(partition)
+        return caught_up
 
     def _reassert_if_due(self) -> None:
         """Queue the not-'ok' keys' notices again, and re-check what the notices topic says; the

@@ -9,6 +9,7 @@ is what makes the totals exact without Kafka transactions. Duplicates that arriv
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,6 +17,7 @@ from typing import Any
 
 from aggregator.dedup import DedupWindow
 from aggregator.intake import fingerprint, identity
+from aggregator.sealing import Sealer
 from schemas.limits import QuotaLimit
 from schemas.notices import QuotaState
 from schemas.policy import COUNTER_PREFIX, parse_counter_key
@@ -23,7 +25,7 @@ from schemas.rulebook import CompiledRule, RuleBook
 from schemas.rules import applicable
 from schemas.totals import TotalsRecord
 from schemas.usage import UsageEvent
-from schemas.windows import rate_window_end
+from schemas.windows import window_value_end
 
 Key = tuple[str, str]
 
@@ -33,6 +35,7 @@ class Outcome(enum.Enum):
     REPLAY = "replay"  # this record's effect is already in the restored totals
     DUPLICATE = "duplicate"  # another record carried the same event (same tenant, id and content)
     CONFLICT = "conflict"  # another record carried the same tenant and id with other content
+    ADJUSTMENT = "adjustment"  # an event of a sealed period: recorded as an adjustment, not added
 
 
 @dataclass(slots=True)
@@ -122,8 +125,12 @@ class Limits:
 class TotalsState:
     """Totals of the partitions this aggregator owns, plus what changed since the last flush."""
 
-    def __init__(self, limits: Limits, *, dedup_window: int = 100_000) -> None:
+    def __init__(self, limits: Limits, *, dedup_window: int = 100_000, seal_grace_s: float | None = None) -> None:
         self.limits = limits
+        # None: periods never seal (every event adds to its tenant-period for ever).
+        self.sealer = Sealer(seal_grace_s) if seal_grace_s is not None else None
+        self._sealed: list[tuple[Key, Totals, float]] = []
+        self._adjustments: list[tuple[int, int, UsageEvent, float]] = []
         self.dedup_window = dedup_window
         self.totals: dict[Key, Totals] = {}
         self.partition_offsets: dict[int, int] = {}
@@ -131,7 +138,7 @@ class TotalsState:
         self._dirty: set[Key] = set()
         self._notify: dict[Key, str] = {}
         self._clear: set[Key] = set()
-        self._rate_ends: dict[Key, float] = {}  # rate-window counters held, and when each window ends
+        self._counter_ends: dict[Key, float] = {}  # rule counters held, and when each one's window ends
         self._expired: list[tuple[Key, int]] = []
 
     def _window(self, partition: int) -> DedupWindow:
@@ -143,7 +150,9 @@ class TotalsState:
     def restore(self, record: TotalsRecord) -> None:
         """Take a changelog record as the key's state (the latest record per key wins)."""
         key = (record.tenant_id, record.period_key)
-        self._index_rate(key)
+        self._index_counter(key)
+        if self.sealer is not None and not key[1].startswith(COUNTER_PREFIX):
+            self.sealer.track(record.usage_partition, key)
         self.totals[key] = Totals(
             partition=record.usage_partition,
             used=record.used_tokens,
@@ -161,15 +170,24 @@ class TotalsState:
         for event in events:
             window.add(identity(event), fingerprint(event))
 
-    def apply(self, partition: int, offset: int, event: UsageEvent) -> Outcome:
-        """Count ``event`` once in its tenant-period and in the counter of every rule it matches.
+    def apply(self, partition: int, offset: int, event: UsageEvent, appended_at: float | None = None) -> Outcome:
+        """Count ``event`` once in its tenant-period and in the counter of every rule it matches;
+        ``appended_at``: the record's broker timestamp (epoch seconds), which says whether the
+        event came after its period sealed (then it is an adjustment, not added to the period).
 
         Each key has its own replay guard: after a crash between two changelog writes, a record
         may be in one key's restored totals and not in another's; it is added where it is not."""
         window = self._window(partition)
         self.mark_position(partition, offset)
         tenant_id = event.tenant_id
-        counted: list[tuple[Key, int, CompiledRule | None]] = [((tenant_id, event.period_key), event.total_tokens, None)]
+        sealer = self.sealer
+        late = False
+        if sealer is not None:
+            if appended_at is not None:
+                sealer.observe(partition, appended_at)
+            late = sealer.is_late(partition, event.period_key, appended_at)
+        counted: list[tuple[Key, int, CompiledRule | None]] = (
+            [] if late else [((tenant_id, event.period_key), event.total_tokens, None)])
         rules = self.limits.rules
         if rules.defaults or tenant_id in rules.per_tenant:
             for matched, counter, amount in rules.counted(tenant_id, event, event.attributes, event.event_time):
@@ -181,18 +199,22 @@ class TotalsState:
             if held is None or offset > held.applied_offset:
                 fresh.append((key, amount, rule, held))
         who, content = identity(event), fingerprint(event)
-        if not fresh:
+        if not fresh and not late:
             window.add(who, content)
             return Outcome.REPLAY
         seen = window.fingerprint(who)
         if seen is not None:
             return Outcome.DUPLICATE if seen == content else Outcome.CONFLICT
         window.add(who, content)
+        if late:  # recorded again if re-read after a crash: its record's key makes that harmless
+            self._adjustments.append((partition, offset, event, appended_at or 0.0))
         for key, amount, rule, totals in fresh:
             if totals is None:
                 totals = all_totals[key] = Totals(partition=partition, first_offset=offset)
-                if rule is not None and rule.window.kind == "rate":
-                    self._index_rate(key)
+                if rule is not None:
+                    self._index_counter(key)
+                elif sealer is not None:
+                    sealer.track(partition, key)
             totals.used += amount
             totals.events += 1
             totals.applied_offset = offset
@@ -202,23 +224,58 @@ class TotalsState:
                 self._evaluate(key, totals, "state_changed")
             else:
                 self._judge_rule(key, totals, rule, "state_changed")
-        return Outcome.APPLIED
+        return Outcome.ADJUSTMENT if late else Outcome.APPLIED
 
-    def _index_rate(self, key: Key) -> None:
+    def seal(self, now: float, caught_up: set[int], margin_s: float = 5.0) -> int:
+        """Seal every held tenant-period whose seal time its partition has passed: the partition's
+        records were read past it (their broker timestamps), or the partition is ``caught_up``
+        and ``now`` (epoch seconds, less ``margin_s`` for clocks) is past it. Sealed keys leave
+        memory; the next flush writes their ``SealedTotals`` and removes their changelog record
+        and notice. Returns how many."""
+        sealer = self.sealer
+        if sealer is None:
+            return 0
+        count = 0
+        for partition in sealer.partitions():
+            through = sealer.watermark.get(partition, -math.inf)
+            if partition in caught_up:
+                through = max(through, now - margin_s)
+            for key in sealer.due(partition, through):
+                totals = self.totals.pop(key, None)
+                if totals is None:
+                    continue
+                self._dirty.discard(key)
+                self._notify.pop(key, None)
+                self._sealed.append((key, totals, sealer.seal_time(key[1]) or 0.0))
+                count += 1
+        return count
+
+    def take_sealed(self) -> list[tuple[Key, Totals, float]]:
+        """(key, its final totals, its seal time) of the keys sealed since the last call."""
+        sealed, self._sealed = self._sealed, []
+        return sealed
+
+    def take_adjustments(self) -> list[tuple[int, int, UsageEvent, float]]:
+        """(partition, offset, event, appended_at) of the late events since the last call."""
+        adjustments, self._adjustments = self._adjustments, []
+        return adjustments
+
+    def _index_counter(self, key: Key) -> None:
         if key[1].startswith(COUNTER_PREFIX):
             parsed = parse_counter_key(key[1])
-            end = rate_window_end(parsed[2]) if parsed else None
+            end = window_value_end(parsed[2]) if parsed else None
             if end is not None:
-                self._rate_ends[key] = end
+                self._counter_ends[key] = end
 
     def expire(self, now: float, keep_s: float) -> int:
-        """Forget rate-window counters whose window ended more than ``keep_s`` before ``now``
-        (epoch seconds); the next flush removes their changelog records and notices (tombstones).
-        What bounds the memory rate rules take: per tenant and rate rule, the windows of the last
-        ``keep_s`` seconds. Calendar windows are kept. Returns how many were forgotten."""
-        ended = [key for key, end in self._rate_ends.items() if end + keep_s < now]
+        """Forget rule counters whose window ended more than ``keep_s`` before ``now`` (epoch
+        seconds; a calendar window's end is taken in UTC plus 14 hours, so it has ended in every
+        zone); the next flush removes their changelog records and notices (tombstones). What bounds
+        the memory rules take: per tenant and rule, the windows of the last ``keep_s`` seconds.
+        Returns how many were forgotten."""
+        ended = [key for key, end in self._counter_ends.items() if end + keep_s < now]
         for key in ended:
-            del self._rate_ends[key]
+            del self._counter_ends[key]
             totals = self.totals.pop(key, None)
             self._dirty.discard(key)
             self._notify.pop(key, None)
@@ -320,11 +377,15 @@ class TotalsState:
         """Forget partitions another aggregator now owns; its restore brings their state back."""
         for key in [k for k, t in self.totals.items() if t.partition in partitions]:
             del self.totals[key]
-            self._rate_ends.pop(key, None)
+            self._counter_ends.pop(key, None)
             self._dirty.discard(key)
             self._notify.pop(key, None)
         self._clear.clear()
         self._expired = [(key, p) for key, p in self._expired if p not in partitions]
+        self._sealed = [entry for entry in self._sealed if entry[1].partition not in partitions]
+        self._adjustments = [entry for entry in self._adjustments if entry[0] not in partitions]
+        if self.sealer is not None:
+            self.sealer.drop(partitions)
         for partition in partitions:
             self.partition_offsets.pop(partition, None)
             self._windows.pop(partition, None)

@@ -23,3 +23,5 @@ class AggregatorStats:
     reasserted: int = 0
     corrections: int = 0
     rate_windows_expired: int = 0
+    adjustments: int = 0
+    sealed: int = 0

@@ -80,7 +80,7 @@ class TopicSpec:
 
 @dataclass(frozen=True)
 class TopicLayout:
-    """The five topics of one deployment; a prefix keeps several deployments apart on one cluster.
+    """The six topics of one deployment; a prefix keeps several deployments apart on one cluster.
 
     ``partitions`` bounds how many aggregator processes can share the work; usage and totals must
     have the same count, since totals are co-partitioned with the usage they sum.
@@ -113,14 +113,23 @@ class TopicLayout:
     def dead_letters(self) -> str:
         return f"{self.prefix}usage.dlq"
 
+    @property
+    def sealed(self) -> str:
+        """Closed periods for billing: ``schemas.sealed`` (co-partitioned with usage)."""
+        return f"{self.prefix}sealed"
+
     def specs(self) -> list[TopicSpec]:
         """Settings per topic: usage is the durable record, the rest are latest-value-per-key."""
         durable = {"cleanup.policy": "delete", "retention.ms": str(self.usage_retention_ms)}
         compact = {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}
+        # The broker's own clock stamps every usage record: which events a sealed period holds is
+        # decided by these timestamps (``schemas.sealed``), so no client's clock can move one.
+        usage = {**durable, "message.timestamp.type": "LogAppendTime"}
         return [
-            TopicSpec(self.usage, self.partitions, dict(durable)),
+            TopicSpec(self.usage, self.partitions, usage),
             TopicSpec(self.totals, self.partitions, dict(compact)),
             TopicSpec(self.notices, self.partitions, dict(compact)),
             TopicSpec(self.limits, 1, dict(compact)),
             TopicSpec(self.dead_letters, 1, dict(durable)),
+            TopicSpec(self.sealed, self.partitions, dict(compact)),
         ]

@@ -12,8 +12,10 @@ with that in mind (a per-minute limit of L keeps any 2-minute span under 2L). Pu
 from __future__ import annotations
 
 import math
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
+
+from schemas.periods import window_end
 
 _specs: dict[tuple[str, int | None, str], WindowSpec] = {}
 # The window of an instant too close to the year 9999 for its window's end to be a date.
@@ -113,3 +115,27 @@ def rate_window_end(window_value: str) -> float | None:
     if not at or not seconds.isdigit() or not start.isdigit():
         return None
     return float(int(start) + int(seconds))
+
+
+def window_value_end(window_value: str) -> float | None:
+    """When a rule counter's window ends (epoch seconds), from its value alone, so a counter can be
+    dropped after its rule is gone: exact for rate and hour windows; for a calendar day, ISO week,
+    month or year, its end in UTC plus 14 hours (no zone ends later). None when unknown."""
+    end = rate_window_end(window_value)
+    if end is not None:
+        return end
+    if "T" in window_value:
+        try:
+            hour, _, offset = window_value.partition("+") if "+" in window_value else window_value.rpartition("-")
+            sign = "+" if "+" in window_value else "-"
+            return datetime.fromisoformat(f"{hour}:00{sign}{offset}").timestamp() + 3600
+        except ValueError:
+            return None
+    kind = {10: "day", 8: "week", 7: "month", 4: "year"}.get(len(window_value))
+    try:
+        if kind == "year" and window_value.isdigit():
+            return datetime(int(window_value) + 1, 1, 1, tzinfo=UTC).timestamp() + 14 * 3600
+        ends = window_end(window_value, kind=kind) if kind in ("day", "week", "month") else None
+    except (ValueError, OverflowError):
+        return None
+    return None if ends is None else ends.timestamp() + 14 * 3600

@@ -81,4 +81,7 @@ def aggregator_config(connection: KafkaConnection, layout: TopicLayout) -> Aggre
         group_id=f"{layout.prefix}aggregator",
         aggregator_id="test-aggregator",
         heartbeat_interval_s=0.2,
+        # Most tests use fixed past periods (2026-04) for determinism; sealed, every event of them
+        # would be an adjustment. The sealing tests turn it on (tests/integration/test_sealing.py).
+        seal_periods=False,
     )

@@ -328,6 +328,7 @@ class AggregatorProcess:
             "--partitions", str(self.config.topics.partitions),
             "--group-id", self.config.group_id,
             "--log-level", "INFO",
+            "--seal-periods" if self.config.seal_periods else "--no-seal-periods",
         ]
         if self.instance_id:
             args += ["--instance-id", self.instance_id]

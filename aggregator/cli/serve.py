@@ -68,6 +68,8 @@ async def serve(config: AggregatorConfig) -> int:
 @setting("idempotence", "--idempotence/--no-idempotence",
          help="idempotent producer; off for Kafka-compatible services without it")
 @retention_options
+@setting("seal_periods", "--seal-periods/--no-seal-periods",
+         help="seal each tenant-period --seal-grace after its period ends (final totals to the sealed topic)")
 @setting("allow_short_retention", "--allow-short-retention/--no-allow-short-retention",
          help="start (with a warning) even if the usage topic keeps events for less than the periods need")
 @click.pass_context

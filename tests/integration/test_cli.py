@@ -32,7 +32,7 @@ async def tokenguard(config: AggregatorConfig, *args: str, bootstrap: str | None
 
 async def test_topics_check_then_create(aggregator_config: AggregatorConfig) -> None:
     code, out = await tokenguard(aggregator_config, "topics", "check")
-    assert code == 1 and out.count("MISSING") == 5
+    assert code == 1 and out.count("MISSING") == 6
     code, out = await tokenguard(aggregator_config, "topics", "create")
     assert code == 0 and f"{aggregator_config.topics.usage}: 3 partitions" in out
     code, out = await tokenguard(aggregator_config, "topics", "check")

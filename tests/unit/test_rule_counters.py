@@ -171,7 +171,9 @@ def test_removed_rule_keeps_the_counters_last_judgement() -> None:
 # --- rate windows expire ---------------------------------------------------------------------
 
 
-def test_expire_drops_only_ended_rate_windows() -> None:
+def test_expire_drops_only_ended_windows() -> None:
+    """Rate windows end exactly; a calendar window is dropped once it has ended in every zone
+    (its UTC end plus 14 hours) and ``keep_s`` passed; the tenant-period key is never expired."""
     state = state_with(DAILY, BURST)
     state.apply(0, 0, event())
     later = NOW + timedelta(seconds=60)  # the next minute
@@ -187,7 +189,8 @@ def test_expire_drops_only_ended_rate_windows() -> None:
     assert state.expire(end + 10_000, 30) == 1
     assert state.take_expired() == [(next_rate, 0)]
     assert set(state.totals) == {PERIOD, DAY}
-    assert state.expire(end + 10**9, 0) == 0
+    assert state.expire(end + 10**9, 0) == 1
+    assert state.take_expired() == [(DAY, 0)] and set(state.totals) == {PERIOD}
 
 
 def test_expire_forgets_pending_changes_of_the_expired() -> None:
@@ -214,7 +217,7 @@ def test_drop_partitions_forgets_rate_index_entries() -> None:
     state.apply(2, 0, event("globex"))
     assert state.expire(NOW.timestamp() - 1, 0) == 0
     state.drop_partitions({1})
-    assert state._rate_ends == {key_of(BURST, "60s@1773489600", "globex"): 1773489660.0}
+    assert state._counter_ends == {key_of(BURST, "60s@1773489600", "globex"): 1773489660.0}
     assert state.expire(NOW.timestamp() + 10_000, 0) == 1
     assert state.take_expired() == [(key_of(BURST, "60s@1773489600", "globex"), 2)]
 
