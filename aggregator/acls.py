@@ -94,7 +94,7 @@ def deployment_acls(layout: TopicLayout, principals: Principals, group_id: str) 
     if not layout.prefix or not group_id:
         raise AclError("a topic prefix and an aggregator group are needed")
     agent, aggregator, operator = principals.agent, principals.aggregator, principals.operator
-    checks = "start() and topics create/check: partitions and cleanup policy of all five topics"
+    checks = "start() and topics create/check: partitions and cleanup policy of all six topics"
     rules: list[tuple[str, ResourceType, str, Pattern, tuple[Operation, ...], str]] = [
         (agent, "TOPIC", layout.usage, "LITERAL", ("WRITE",), "the publisher: one event per call"),
         (agent, "TOPIC", layout.notices, "LITERAL", ("READ",), "the notices feed: every partition, no group"),
@@ -106,7 +106,8 @@ def deployment_acls(layout: TopicLayout, principals: Principals, group_id: str) 
          "notices and heartbeats; reads them to correct contradicting ones"),
         (aggregator, "TOPIC", layout.limits, "LITERAL", ("READ",), "the limits feed"),
         (aggregator, "TOPIC", layout.dead_letters, "LITERAL", ("WRITE",), "dead letters"),
-        # DESCRIBE is implied by its READ or WRITE on each of the five topics.
+        (aggregator, "TOPIC", layout.sealed, "LITERAL", ("WRITE",), "sealed totals and adjustments of closed periods"),
+        # DESCRIBE is implied by its READ or WRITE on each of its topics.
         (aggregator, "TOPIC", layout.prefix, "PREFIXED", ("DESCRIBE_CONFIGS",), checks),
         (aggregator, "GROUP", group_id, "LITERAL", ("READ",), "joins the group, commits, reads its offsets"),
         (operator, "TOPIC", layout.prefix, "PREFIXED", ("CREATE", "DESCRIBE", "DESCRIBE_CONFIGS"),
@@ -116,6 +117,7 @@ def deployment_acls(layout: TopicLayout, principals: Principals, group_id: str) 
         (operator, "TOPIC", layout.totals, "LITERAL", ("READ", "WRITE"),
          "usage show and verify; replay writes the rebuilt totals"),
         (operator, "TOPIC", layout.dead_letters, "LITERAL", ("READ",), "reading dead letters"),
+        (operator, "TOPIC", layout.sealed, "LITERAL", ("READ",), "verify and replay; billing reads closed periods"),
         # READ implies DESCRIBE: verify reads the group's offsets, replay checks it has no members.
         (operator, "GROUP", group_id, "LITERAL", ("READ",), "replay commits the group at the rebuilt end"),
     ]

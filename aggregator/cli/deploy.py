@@ -36,7 +36,7 @@ def topics() -> None:
 @deployment_options()
 @click.pass_context
 def create(ctx: click.Context) -> int:
-    """Create the five topics (or check those that exist have usable settings)."""
+    """Create the six topics (or check those that exist have usable settings)."""
     settings, config = load(ctx)
 
     async def created() -> int:
