@@ -15,6 +15,7 @@ from aiokafka.structs import ConsumerRecord
 
 from aggregator.intake import accept, expected_partition
 from schemas.errors import DecodeError
+from schemas.sealed import SEALED_MESSAGE, SealedTotals
 from schemas.totals import TotalsRecord
 from schemas.usage import UsageEvent
 from schemas.wire import decode_totals, parse_tenant_period_key, tenant_period_key
@@ -117,3 +118,33 @@ async def recent_events(
             except DecodeError:
                 continue
     return events
+
+
+async def read_sealed(
+    connection: KafkaConnection, topic: str, rejected: Counter[str] | None = None
+) -> tuple[dict[tuple[str, str], SealedTotals], dict[tuple[str, str], dict[str, int]]]:
+    """The sealed topic as it is now: final totals per sealed (tenant, period), and per such key
+    its adjustments (event id -> tokens). Records that do not decode are counted in ``rejected``."""
+    rejected = rejected if rejected is not None else Counter()
+    sealed: dict[tuple[str, str], SealedTotals] = {}
+    adjustments: dict[tuple[str, str], dict[str, int]] = {}
+    partitions = await topic_partitions(connection, topic)
+
+    def unreadable(skipped: Unreadable) -> None:
+        rejected["unreadable"] += 1
+
+    async for records in read_ranges(connection, topic, {p: (None, None) for p in partitions}, on_unreadable=unreadable):
+        for record in records:
+            if record.value is None:
+                continue
+            try:
+                message = SEALED_MESSAGE.validate_json(record.value)
+            except ValueError:
+                rejected["invalid"] += 1
+                continue
+            key = (message.tenant_id, message.period_key)
+            if isinstance(message, SealedTotals):
+                sealed[key] = message
+            else:
+                adjustments.setdefault(key, {})[message.event_id] = message.total_tokens
+    return sealed, adjustments

@@ -11,7 +11,9 @@ partition's log start (retention deleted some of its events: ``verify.truncated`
 changelog record, since recomputing it from what is left would silently lower a billing total.
 With ``since``, only keys all of whose events are at or after that time are rebuilt; a key with
 any event before it is kept too. A key whose changelog record is lost and whose events were partly
-deleted cannot be recovered by anything: it is rebuilt from what is left, and counted.
+deleted cannot be recovered by anything: it is rebuilt from what is left, and counted. A sealed
+tenant-period is left alone (its final totals are on the sealed topic), and an event that came
+after its period sealed is an adjustment, never added back to a changelog total.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from datetime import UTC, datetime
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from aggregator.changelog import read_changelog
+from aggregator.changelog import read_changelog, read_sealed
 from aggregator.config import AggregatorConfig
 from aggregator.errors import AggregatorError
 from aggregator.limits import LimitsFeed
@@ -48,6 +50,7 @@ class ReplayResult:
     written: int = 0  # keys rebuilt from the usage topic
     kept_truncated: int = 0  # keys kept: some of their events are before the log start
     kept_before_since: int = 0  # keys kept: they have events before ``since``
+    kept_sealed: int = 0  # keys left alone: sealed (their events after the seal are adjustments)
     lost_and_truncated: int = 0  # written from what is left: no changelog record, partition truncated
 
 
@@ -65,7 +68,9 @@ async def replay(config: AggregatorConfig, *, since: datetime | None = None) -> 
     await feed.stop()
     log_starts, ends = await offset_bounds(config.connection, layout.usage)
     held = await read_changelog(config.connection, layout.totals, usage_ends=ends, partition_count=len(ends))
-    recompute = Recompute(len(ends), limits.rules)
+    grace = config.seal_grace_s if config.seal_periods else None
+    sealed = (await read_sealed(config.connection, layout.sealed))[0] if grace is not None else {}
+    recompute = Recompute(len(ends), limits.rules, grace)
     quota_of: dict[tuple[str, str], int] = {}
     early_keys: set[tuple[str, str]] = set()
     ranges = {p: (None, end) for p, end in ends.items()}
@@ -87,6 +92,9 @@ async def replay(config: AggregatorConfig, *, since: datetime | None = None) -> 
     try:
         futures = []
         for key, figures in recompute.totals().items():
+            if key in sealed:  # closed: its final totals are on the sealed topic, not the changelog's
+                result.kept_sealed += 1
+                continue
             record = held.get(key)
             if record is not None and truncated(record, log_starts):
                 result.kept_truncated += 1

@@ -12,14 +12,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from aggregator.changelog import read_changelog
+from aggregator.changelog import read_changelog, read_sealed
 from aggregator.intake import Identity, UsageRecord, accept, fingerprint, identity
 from aggregator.limits import load_policies
 from schemas.errors import DecodeError
 from schemas.policy import COUNTER_PREFIX, parse_counter_key
 from schemas.rulebook import RuleBook
+from schemas.sealed import SealedTotals, seal_time
 from schemas.topics import TopicLayout
 from schemas.totals import TotalsRecord
 from schemas.usage import UsageEvent
@@ -43,9 +45,13 @@ class Recompute:
     each (tenant, event id) once per (tenant, period), and, given ``rules``, once in the counter
     of every rule it matches (``RuleBook.counters``, as the aggregator counts)."""
 
-    def __init__(self, partitions: int, rules: RuleBook | None = None) -> None:
+    def __init__(self, partitions: int, rules: RuleBook | None = None, seal_grace_s: float | None = None) -> None:
         self.partitions = partitions
         self.rules = rules
+        # With a grace, an event appended after its period's seal time (``schemas.sealed``) is
+        # counted in ``late`` (key -> event id -> tokens), not in its tenant-period.
+        self.seal_grace_s = seal_grace_s
+        self.late: dict[Key, dict[str, int]] = {}
         self.partition_of: dict[Key, int] = {}
         self._used: dict[Key, int] = {}
         self._events: dict[Key, int] = {}
@@ -71,11 +77,22 @@ class Recompute:
                 self.invalid["id_conflict"] += 1
             return None
         self._seen[who] = content
+        appended = getattr(record, "timestamp", None)
+        if self.seal_grace_s is not None and appended is not None:
+            when = seal_time(event.period_key, self.seal_grace_s)
+            if when is not None and appended / 1000 > when:
+                self.late.setdefault((event.tenant_id, event.period_key), {})[event.event_id] = event.total_tokens
+                for key, amount in self._counted(event)[1:]:  # its rule counters still count it
+                    self._count(key, amount, record.partition)
+                return event
         for key, amount in self._counted(event):
-            self._used[key] = self._used.get(key, 0) + amount
-            self._events[key] = self._events.get(key, 0) + 1
-            self.partition_of[key] = record.partition
+            self._count(key, amount, record.partition)
         return event
+
+    def _count(self, key: Key, amount: int, partition: int) -> None:
+        self._used[key] = self._used.get(key, 0) + amount
+        self._events[key] = self._events.get(key, 0) + 1
+        self.partition_of[key] = partition
 
     def _counted(self, event: UsageEvent) -> list[tuple[Key, int]]:
         counted = [((event.tenant_id, event.period_key), event.total_tokens)]
@@ -118,7 +135,7 @@ class Difference:
         return f"{self.key[0]!r} {self.key[1]!r}: recomputed {show(self.expected)}, aggregator {show(self.actual)}"
 
 
-def compare(expected: dict[Key, KeyTotals], actual: dict[Key, TotalsRecord]) -> list[Difference]:
+def compare(expected: dict[Key, KeyTotals], actual: Mapping[Key, TotalsRecord | SealedTotals]) -> list[Difference]:
     differences = []
     for key in sorted(set(expected) | set(actual)):
         want = expected.get(key)
@@ -146,7 +163,7 @@ class Unverifiable:
                 f"{self.changelog.events} events, still on the topic {kept}")
 
 
-def truncated(record: TotalsRecord, log_starts: dict[int, int]) -> bool:
+def truncated(record: TotalsRecord | SealedTotals, log_starts: dict[int, int]) -> bool:
     """Whether some of a key's events may be gone from the usage topic: its first event lies before
     its partition's log start (retention or DeleteRecords moved it); for a record that does not
     say where its first event was, whenever the partition has lost any record."""
@@ -168,6 +185,8 @@ class VerifyReport:
     changelog_rejected: Counter[str] = field(default_factory=Counter)
     expired: int = 0
     unverifiable: list[Unverifiable] = field(default_factory=list)
+    sealed: int = 0  # sealed tenant-periods compared with their SealedTotals
+    adjustments: int = 0
 
 
 async def group_lag(connection: KafkaConnection, group_id: str, topic: str) -> int:
@@ -179,7 +198,7 @@ async def group_lag(connection: KafkaConnection, group_id: str, topic: str) -> i
 
 async def verify(
     connection: KafkaConnection, layout: TopicLayout, group_id: str, *, wait_s: float = 60.0,
-    rules: RuleBook | None = None, rate_window_keep_s: float = 60.0,
+    rules: RuleBook | None = None, rate_window_keep_s: float = 60.0, seal_grace_s: float | None = None,
 ) -> VerifyReport:
     """Wait (up to ``wait_s``) for the group to catch up, then recompute and compare.
 
@@ -198,17 +217,17 @@ async def verify(
     partitions = await topic_partitions(connection, layout.usage)
     if rules is None:
         rules = (await load_policies(connection, layout.limits)).rules
-    recompute = Recompute(len(partitions), rules)
+    recompute = Recompute(len(partitions), rules, seal_grace_s)
     ranges = {p: (None, None) for p in partitions}
     async for records in read_ranges(connection, layout.usage, ranges, on_unreadable=recompute.unreadable):
         for record in records:
             recompute.add(record)
     expected = recompute.totals()
     log_starts, usage_ends = await offset_bounds(connection, layout.usage)
-    actual = await read_changelog(
+    actual: dict[Key, TotalsRecord | SealedTotals] = dict(await read_changelog(
         connection, layout.totals, usage_ends=usage_ends, partition_count=len(partitions),
         rejected=report.changelog_rejected,
-    )
+    ))
     report.records = recompute.records
     report.keys = len(expected)
     report.events = sum(t.events for key, t in expected.items() if not key[1].startswith(COUNTER_PREFIX))
@@ -218,12 +237,24 @@ async def verify(
     for key in [k for k in expected if k not in actual and _rate_window_ended(k[1], ended_before)]:
         del expected[key]
         report.expired += 1
+    if seal_grace_s is not None:
+        sealed, adjustments = await read_sealed(connection, layout.sealed, report.changelog_rejected)
+        report.sealed = len(sealed)
+        for key, closed in sealed.items():
+            actual.setdefault(key, closed)
+        for key in sorted(set(recompute.late) | set(adjustments)):
+            want, have_ids = recompute.late.get(key, {}), adjustments.get(key, {})
+            report.adjustments += len(have_ids)
+            if want != have_ids:
+                report.differences.append(Difference(
+                    (key[0], f"{key[1]} (adjustments)"), KeyTotals(sum(want.values()), len(want)),
+                    KeyTotals(sum(have_ids.values()), len(have_ids))))
     for key, record in list(actual.items()):
         have = KeyTotals(record.used_tokens, record.event_count)
         if expected.get(key) != have and truncated(record, log_starts):
             report.unverifiable.append(Unverifiable(key, have, expected.pop(key, None), log_starts[record.usage_partition]))
             del actual[key]
-    report.differences = compare(expected, actual)
+    report.differences = compare(expected, actual) + report.differences
     return report
 
 

@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import logging
 import secrets
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import datetime
@@ -87,6 +88,7 @@ class KafkaQuotaStore:
         self._id_prefix = secrets.token_hex(8)
         self._sequence = itertools.count()
         self._stale_partitions: set[int] = set()
+        self._recorded = 0
         self.stats = StoreStats()
 
     def __repr__(self) -> str:
@@ -221,6 +223,9 @@ class KafkaQuotaStore:
         self.publisher.publish(draft)
         tenant_id = usage.tenant_id
         self.snapshot.add_local(tenant_id, usage.period_key, usage.total_tokens)
+        self._recorded += 1
+        if not self._recorded % 4096:
+            self.snapshot.prune(time.time())
         if self.rules.applies(tenant_id):
             spent, crossed = self.rules.spend(tenant_id, usage, attributes, usage.event_time)
             if spent:

@@ -26,6 +26,7 @@ from typing import Literal, Protocol, get_args
 from producer.store import Decision, LimitSource
 from schemas.notices import Heartbeat, QuotaNotice
 from schemas.policy import COUNTER_PREFIX
+from schemas.windows import window_value_end
 
 StalePolicy = Literal["keep_known", "local_only", "fail_open", "fail_closed"]
 STALE_POLICIES: tuple[str, ...] = get_args(StalePolicy)
@@ -213,6 +214,23 @@ class QuotaSnapshot:
                 # no spend of ours in it, nothing is left to know; every instance holds every
                 # tenant's notices, so this is what bounds their memory.
                 del self._entries[(tenant_id, period_key)]
+
+    def prune(self, now: float, keep_s: float = 86_400.0) -> int:
+        """Forget tenant-periods whose period ended (in every zone: its UTC end plus 14 hours)
+        more than ``keep_s`` ago and that hold no unacknowledged spend of ours: closed periods
+        would otherwise stay in memory for ever. Custom period keys are kept. Returns how many."""
+        ends: dict[str, float | None] = {}
+        closed = []
+        for key, entry in self._entries.items():
+            period_key = key[1]
+            if period_key not in ends:
+                ends[period_key] = window_value_end(period_key)
+            end = ends[period_key]
+            if end is not None and end + keep_s < now and not entry.unacked:
+                closed.append(key)
+        for key in closed:
+            del self._entries[key]
+        return len(closed)
 
     def drop(self, tenant_id: str, period_key: str) -> None:
         """Forget a tenant-period (an ended rate window of a rule): its notice and local spend."""

@@ -278,7 +278,8 @@ async def wait_for_totals(
 
 async def verified(config: AggregatorConfig, wait_s: float = 120) -> VerifyReport:
     """The independent verifier's report, once it says the group caught up with no difference."""
-    report = await verify(config.connection, config.topics, config.group_id, wait_s=wait_s)
+    report = await verify(config.connection, config.topics, config.group_id, wait_s=wait_s,
+                          seal_grace_s=config.seal_grace_s if config.seal_periods else None)
     assert report.lag == 0, f"the aggregator group did not catch up: lag {report.lag}"
     assert report.differences == [], "\n".join(map(str, report.differences[:20]))
     return report

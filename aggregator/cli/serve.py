@@ -81,11 +81,13 @@ def aggregator(ctx: click.Context) -> int:
 
 
 async def report(config: AggregatorConfig, wait_s: float) -> int:
-    result = await recompute(config.connection, config.topics, config.group_id, wait_s=wait_s)
+    result = await recompute(config.connection, config.topics, config.group_id, wait_s=wait_s,
+                             seal_grace_s=config.seal_grace_s if config.seal_periods else None)
     print(
         f"usage records read: {result.records}; events counted: {result.events}; "
         f"tenant-periods: {result.keys}; duplicates dropped: {result.duplicates}; "
         f"invalid: {result.invalid or 0}; group lag: {result.lag}"
+        + (f"; sealed tenant-periods: {result.sealed}, adjustments: {result.adjustments}" if result.sealed else "")
     )
     for difference in result.differences:
         print(f"DIFFERENCE {printable(difference)}")

@@ -25,6 +25,7 @@ async def tokenguard(config: AggregatorConfig, *args: str, bootstrap: str | None
         "TOKENGUARD_TOPIC_PREFIX": config.topics.prefix,
         "TOKENGUARD_PARTITIONS": str(config.topics.partitions),
         "TOKENGUARD_GROUP_ID": config.group_id,
+        "TOKENGUARD_SEAL_PERIODS": "true" if config.seal_periods else "false",
     }
     code, out, err = await run_python("-m", "aggregator.cli", *args, env=env, timeout=90)
     return code, out + err

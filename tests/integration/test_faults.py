@@ -183,6 +183,7 @@ async def run_verify_cli(config: AggregatorConfig) -> tuple[int, str]:
     code, out, _ = await run_python(
         "-m", "aggregator", "verify", "--bootstrap-servers", config.connection.bootstrap_servers,
         "--topic-prefix", config.topics.prefix, "--group-id", config.group_id, "--wait-s", "30",
+        env={"TOKENGUARD_SEAL_PERIODS": "true" if config.seal_periods else "false"},
     )
     return code, out
 
