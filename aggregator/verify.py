@@ -25,7 +25,7 @@ from schemas.sealed import SealedTotals, seal_time
 from schemas.topics import TopicLayout
 from schemas.totals import TotalsRecord
 from schemas.usage import UsageEvent
-from schemas.windows import rate_window_end
+from schemas.windows import window_value_end
 from transport.admin import committed_offsets, topic_partitions
 from transport.connection import KafkaConnection
 from transport.fetch import Unreadable
@@ -205,9 +205,9 @@ async def verify(
     Meant for a drained stream: events published while it runs show up as differences. A key
     whose first event is before its partition's log start (retention deleted some of its events)
     is not compared: it is reported in ``unverifiable`` with both figures. Rule
-    counters are recomputed with ``rules`` (default: the rules on the limits topic now); a rate
-    window's counter that the aggregator has dropped (ended over ``rate_window_keep_s`` ago) is
-    not a difference (``report.expired`` counts them): those counters enforce, they do not bill.
+    counters are recomputed with ``rules`` (default: the rules on the limits topic now); a rule
+    counter the aggregator has dropped (its window ended over ``rate_window_keep_s`` ago) is not
+    a difference (``report.expired`` counts them): those counters enforce, they do not bill.
     """
     report = VerifyReport()
     deadline = time.monotonic() + wait_s
@@ -234,7 +234,7 @@ async def verify(
     report.duplicates = recompute.duplicates
     report.invalid = dict(recompute.invalid)
     ended_before = time.time() - rate_window_keep_s
-    for key in [k for k in expected if k not in actual and _rate_window_ended(k[1], ended_before)]:
+    for key in [k for k in expected if k not in actual and _window_ended(k[1], ended_before)]:
         del expected[key]
         report.expired += 1
     if seal_grace_s is not None:
@@ -258,7 +258,8 @@ async def verify(
     return report
 
 
-def _rate_window_ended(period_key: str, before: float) -> bool:
+def _window_ended(period_key: str, before: float) -> bool:
+    """Whether a rule counter's window ended before ``before``, as the aggregator's expiry judges it."""
     parsed = parse_counter_key(period_key)
-    end = rate_window_end(parsed[2]) if parsed else None
+    end = window_value_end(parsed[2]) if parsed else None
     return end is not None and end < before

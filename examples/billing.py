@@ -9,7 +9,9 @@ Prices come from the deployment's price table (``tokenguard prices set``, on the
 each event priced at the version in force at its ``event_time`` by ``PriceTable.cost_of``: the
 computation the aggregator counts with, so these integers (``cost_micros``) are its integers.
 Rows are per tenant, period, model and currency; the cost per tenant and currency is printed, with
-the tokens priced at the ``"*"`` default and those with no price at all flagged.
+the tokens priced at the ``"*"`` default and those with no price at all flagged. Closed periods
+are printed as the sealing model bills them (``closed_periods``): the sealed total, then the
+adjustments that came after it.
 
 ``--prices`` (optional, the example's former price list) adds a float ``cost_usd`` column from a
 file mapping a model to USD per million input and output tokens, ``"*"`` as fallback:
@@ -30,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from aggregator.changelog import read_ranges
+from aggregator.changelog import read_ranges, read_sealed
 from aggregator.cli.prices import read_prices, units
 from aggregator.verify import Recompute
 from schemas.prices import PriceTable
@@ -108,6 +110,19 @@ def summary(rows: list[dict]) -> list[str]:
     return lines
 
 
+async def closed_periods(connection: KafkaConnection, layout: TopicLayout) -> list[str]:
+    """The bill of each closed tenant-period as the sealing model gives it: its sealed total (the
+    events the usage topic took by its seal time) and, after it, one line per late event (an
+    adjustment). Both are on the sealed topic; the usage topic above holds every event too."""
+    sealed, adjustments = await read_sealed(connection, layout.sealed)
+    lines = []
+    for key in sorted(set(sealed) | set(adjustments)):
+        closed, late = sealed.get(key), adjustments.get(key, {})
+        total = f"{closed.used_tokens} tokens in {closed.event_count} events" if closed else "no sealed total"
+        lines.append(f"closed {key[0]} {key[1]}: sealed {total}; {len(late)} adjustments, {sum(late.values())} tokens")
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prices", type=Path, help="optional: a float price list for the cost_usd column")
@@ -125,6 +140,9 @@ def main() -> int:
         writer.writeheader()
         writer.writerows(rows)
     for line in summary(rows):
+        print(line)
+    for line in asyncio.run(closed_periods(KafkaConnection(bootstrap_servers=args.bootstrap_servers),
+                                           TopicLayout(prefix=args.topic_prefix))):
         print(line)
     print(f"wrote {len(rows)} rows to {args.out}")
     return 0

@@ -4,6 +4,7 @@ open periods, and the independent verifier agreeing on both."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 
@@ -16,8 +17,11 @@ from aggregator.config import AggregatorConfig
 from schemas.sealed import ANY_ZONE_S
 from schemas.usage import UsageEvent
 from schemas.wire import encode
-from tests.helpers import RawRecord, eventually, running_aggregator, send_records, verified
+from tests.helpers import REPO, RawRecord, eventually, running_aggregator, send_records, verified
 from transport.admin import ensure_topics
+
+sys.path.insert(0, str(REPO / "examples"))
+from billing import closed_periods
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -55,6 +59,8 @@ async def test_a_period_seals_while_late_events_still_arrive(aggregator_config: 
     closed = sealed[("closing", day)]
     assert (closed.used_tokens, closed.event_count) == (1_000, 10)
     assert sorted(adjustments[("closing", day)].values()) == [7, 7, 7]
+    assert await closed_periods(config.connection, config.topics) == [
+        f"closed closing {day}: sealed 1000 tokens in 10 events; 3 adjustments, 21 tokens"]  # the billing example's bill
     changelog = await read_changelog(config.connection, config.topics.totals)
     assert ("closing", day) not in changelog and changelog[("open", month)].used_tokens == 500
     # A restart restores only the open period, and does not seal or adjust anything twice.
