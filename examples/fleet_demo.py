@@ -28,6 +28,7 @@ from rich.live import Live  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import localkafka  # noqa: E402
+from localkafka.launcher import DEFAULT_PORT  # noqa: E402
 from producer import KafkaConnection, ensure_topics  # noqa: E402
 from schemas.notices import Heartbeat  # noqa: E402
 from schemas.topics import TopicLayout  # noqa: E402
@@ -221,8 +222,10 @@ def main() -> int:
     broker = None
     if not bootstrap:
         console.print("starting the local Kafka broker (first run: Maven resolves the jars)...")
-        already = localkafka.running()
-        broker = already or localkafka.start()
+        # The port `make kafka-up` uses: LOCALKAFKA_PORT, else 19092.
+        port = int(os.environ.get("LOCALKAFKA_PORT", DEFAULT_PORT))
+        already = localkafka.running(port)
+        broker = already or localkafka.start(port)
         bootstrap = broker.bootstrap_servers
         if already:
             broker = None  # started by `make kafka-up`: leave it running
