@@ -133,7 +133,8 @@ class SaslPlainListener:
 
 
 def _properties(
-    port: int, controller_port: int, data_dir: Path, tls: TlsListener | None = None, sasl: SaslPlainListener | None = None
+    port: int, controller_port: int, data_dir: Path, tls: TlsListener | None = None, sasl: SaslPlainListener | None = None,
+    *, node_id: int = 1, voters: str | None = None, replication: int = 1,
 ) -> str:
     listeners = f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}"
     advertised = f"PLAINTEXT://{HOST}:{port}"
@@ -150,8 +151,8 @@ def _properties(
             protocols = protocols.replace("CONTROLLER:PLAINTEXT", "CONTROLLER:SASL_PLAINTEXT")
     settings = {
         "process.roles": "broker,controller",
-        "node.id": "1",
-        "controller.quorum.voters": f"1@{HOST}:{controller_port}",
+        "node.id": str(node_id),
+        "controller.quorum.voters": voters or f"{node_id}@{HOST}:{controller_port}",
         "listeners": listeners,
         "advertised.listeners": advertised,
         "controller.listener.names": "CONTROLLER",
@@ -161,12 +162,15 @@ def _properties(
         # Topics are created by the software with the right settings; an auto-created topic hides a bug.
         "auto.create.topics.enable": "false",
         "num.partitions": "1",
-        "offsets.topic.replication.factor": "1",
+        "default.replication.factor": str(replication),
+        # A write acknowledged by all in-sync replicas is on two brokers at least once there are three.
+        "min.insync.replicas": str(min(2, replication)),
+        "offsets.topic.replication.factor": str(replication),
         "offsets.topic.num.partitions": "8",
-        "transaction.state.log.replication.factor": "1",
-        "transaction.state.log.min.isr": "1",
-        "share.coordinator.state.topic.replication.factor": "1",
-        "share.coordinator.state.topic.min.isr": "1",
+        "transaction.state.log.replication.factor": str(replication),
+        "transaction.state.log.min.isr": str(min(2, replication)),
+        "share.coordinator.state.topic.replication.factor": str(replication),
+        "share.coordinator.state.topic.min.isr": str(min(2, replication)),
         "group.initial.rebalance.delay.ms": "0",
         "log.cleaner.backoff.ms": "1000",
     }
@@ -359,6 +363,95 @@ def start(
         time.sleep(0.2)
     _terminate(proc.pid)
     raise LauncherError(f"the broker did not answer metadata within {timeout:.0f}s; log tail:\n{_tail(log_path)}")
+
+
+@dataclass
+class Cluster:
+    """N brokers on 127.0.0.1, each a KRaft controller too (a quorum of N), replication N."""
+
+    ports: list[int]
+    run_dirs: list[Path]
+    pids: dict[int, int] = field(default_factory=dict)  # node id -> pid of the running ones
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return ",".join(f"{HOST}:{port}" for port in self.ports)
+
+    def node_of_port(self, port: int) -> int:
+        return self.ports.index(port) + 1
+
+    def kill(self, node_id: int) -> None:
+        """SIGKILL one broker: no controlled shutdown, as a crash or a lost machine."""
+        pid = self.pids.pop(node_id)
+        os.kill(pid, signal.SIGKILL)
+        child = _children.pop(pid, None)
+        if child is not None:
+            child.wait()
+
+    def restart(self, node_id: int, timeout: float = 90.0) -> None:
+        """Start a killed broker again on its data; return once it answers metadata."""
+        run_dir = self.run_dirs[node_id - 1]
+        java = _java(fetch(), run_dir / "log4j2.properties", "512m")
+        self.pids[node_id] = _launch(java, run_dir)
+        _await_ready(self.ports[node_id - 1], _children[self.pids[node_id]], run_dir / "broker.log", timeout)
+
+    def stop(self) -> None:
+        for pid in list(self.pids.values()):
+            _terminate(pid)
+        self.pids.clear()
+        for run_dir in self.run_dirs:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def start_cluster(size: int = 3, *, heap: str = "512m", timeout: float = 120.0) -> Cluster:
+    """Start ``size`` brokers (each also a controller voter) on free ports of 127.0.0.1, one cluster
+    id formatted into every log directory; return once every broker answers metadata."""
+    libs = fetch()
+    ports = [_free_port() for _ in range(size)]
+    controller_ports = [_free_port() for _ in range(size)]
+    voters = ",".join(f"{node}@{HOST}:{cport}" for node, cport in enumerate(controller_ports, start=1))
+    cluster_id = _cluster_id()
+    cluster = Cluster(ports, [_run_dir(port) for port in ports])
+    try:
+        for node, (port, cport, run_dir) in enumerate(zip(ports, controller_ports, cluster.run_dirs, strict=True), 1):
+            shutil.rmtree(run_dir, ignore_errors=True)
+            run_dir.mkdir(parents=True)
+            props = run_dir / "server.properties"
+            props.write_text(_properties(port, cport, run_dir / "data", node_id=node, voters=voters, replication=size))
+            (run_dir / "log4j2.properties").write_text(_LOG4J)
+            java = _java(libs, run_dir / "log4j2.properties", heap)
+            fmt = subprocess.run([*java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
+                                 capture_output=True, text=True, check=False)
+            if fmt.returncode != 0:
+                raise LauncherError(f"formatting broker {node} failed:\n{fmt.stdout}{fmt.stderr}")
+            cluster.pids[node] = _launch(java, run_dir)
+        for node, port in enumerate(ports, start=1):
+            run_dir = cluster.run_dirs[node - 1]
+            _await_ready(port, _children[cluster.pids[node]], run_dir / "broker.log", timeout)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def _launch(java: list[str], run_dir: Path) -> int:
+    with open(run_dir / "broker.log", "ab") as log:
+        proc = subprocess.Popen([*java, "kafka.Kafka", str(run_dir / "server.properties")], stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    _children[proc.pid] = proc
+    (run_dir / "broker.pid").write_text(str(proc.pid))
+    return proc.pid
+
+
+def _await_ready(port: int, proc: subprocess.Popen[bytes], log_path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise LauncherError(f"the broker on {port} exited with {proc.returncode}; log tail:\n{_tail(log_path)}")
+        if metadata_ready(port):
+            return
+        time.sleep(0.2)
+    raise LauncherError(f"the broker on {port} did not answer metadata within {timeout:.0f}s; log tail:\n{_tail(log_path)}")
 
 
 def _tail(path: Path, lines: int = 30) -> str:
