@@ -78,6 +78,11 @@ class ProducerConfig:
     max_lag_events: int | None = 100_000
     max_lag_s: float | None = 60.0
     lag_policy: StalePolicy = "fail_closed"
+    # start() waits this long for Kafka. Unreachable by then: the store starts degraded (decisions
+    # by the staleness policy, usage to the spool, Kafka retried in the background), or, with
+    # strict_start (or no spool_dir), raises KafkaUnavailableError as the only way to start.
+    start_timeout_s: float = 5.0
+    strict_start: bool = False
 
     def __post_init__(self) -> None:
         check_instance_id(self.instance_id)  # in every usage event: one the aggregator would refuse loses them all
@@ -86,8 +91,8 @@ class ProducerConfig:
         for name, policy in (("stale_policy", self.stale_policy), ("lag_policy", self.lag_policy)):
             if policy not in STALE_POLICIES:
                 raise ValueError(f"{name} must be one of {', '.join(STALE_POLICIES)}, got {policy!r}")
-        if self.send_timeout_s <= 0 or self.stale_after_s <= 0 or not self.max_clock_skew_s > 0:
-            raise ValueError("send_timeout_s, stale_after_s and max_clock_skew_s must be positive")
+        if self.send_timeout_s <= 0 or self.stale_after_s <= 0 or not self.max_clock_skew_s > 0 or not self.start_timeout_s > 0:
+            raise ValueError("send_timeout_s, stale_after_s, max_clock_skew_s and start_timeout_s must be positive")
         if self.max_lag_events is not None and self.max_lag_events < 1:
             raise ValueError(f"max_lag_events must be at least 1 (None: off), got {self.max_lag_events}")
         if self.max_lag_s is not None and not self.max_lag_s > 0:
@@ -103,7 +108,7 @@ class ProducerConfig:
         ``TOKENGUARD_SPOOL_DIR`` (empty: no spool), ``TOKENGUARD_SPOOL_MAX_BYTES``,
         ``TOKENGUARD_SPOOL_FULL_POLICY``, ``TOKENGUARD_STALE_AFTER_S``, ``TOKENGUARD_STALE_POLICY``,
         ``TOKENGUARD_MAX_CLOCK_SKEW_S``, ``TOKENGUARD_MAX_LAG_EVENTS``, ``TOKENGUARD_MAX_LAG_S`` (``off``:
-        that lag test is off). ``SettingsError`` (a ``ValueError``) names each invalid one."""
+        that lag test is off), ``TOKENGUARD_START_TIMEOUT_S``, ``TOKENGUARD_STRICT_START``. ``SettingsError`` (a ``ValueError``) names each invalid one."""
         return ProducerSettings.read(env).config()
 
 
@@ -122,6 +127,8 @@ class ProducerSettings(DeploymentSettings):
     max_lag_events: int | None = Field(ProducerConfig.max_lag_events, ge=1, validation_alias="TOKENGUARD_MAX_LAG_EVENTS")
     max_lag_s: float | None = Field(ProducerConfig.max_lag_s, gt=0, validation_alias="TOKENGUARD_MAX_LAG_S")
     lag_policy: StalePolicy = Field(ProducerConfig.lag_policy, validation_alias="TOKENGUARD_LAG_POLICY")
+    start_timeout_s: float = Field(ProducerConfig.start_timeout_s, gt=0, le=3600, validation_alias="TOKENGUARD_START_TIMEOUT_S")
+    strict_start: bool = Field(ProducerConfig.strict_start, validation_alias="TOKENGUARD_STRICT_START")
 
     @field_validator("instance_id")
     @classmethod
@@ -149,4 +156,5 @@ class ProducerSettings(DeploymentSettings):
             spool_full_policy=self.spool_full_policy, stale_after_s=self.stale_after_s,
             stale_policy=self.stale_policy, max_clock_skew_s=self.max_clock_skew_s,
             max_lag_events=self.max_lag_events, max_lag_s=self.max_lag_s, lag_policy=self.lag_policy,
+            start_timeout_s=self.start_timeout_s, strict_start=self.strict_start,
         )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from transport.errors import TopicMismatchError
+
 
 class TokenGuardError(Exception):
     """Root of every error this package raises on purpose."""
@@ -87,3 +89,14 @@ class InvalidCallError(TokenGuardError, ValueError):
     """Refused before the LLM call: what the application supplied for this call (the tenant id from
     ``user_id_getter``, the period key from ``period_key_fn``) does not fit the usage schema, so the
     call's usage could never be counted. A ``ValueError`` too: it is a usage mistake."""
+
+
+class KafkaUnavailableError(TokenGuardError, ConnectionError):
+    """``KafkaQuotaStore.start()`` could not reach Kafka within ``start_timeout_s`` and may not start
+    degraded (``strict_start``, or no ``spool_dir`` to keep usage in). Chained from the Kafka
+    client's own error (``__cause__``)."""
+
+
+class TopicSetupError(TokenGuardError, TopicMismatchError):
+    """Kafka answered but its topics cannot be used as configured (cleanup policy, partitions). A
+    ``TopicMismatchError`` too, so existing handlers keep working."""

@@ -12,6 +12,7 @@ Decisions come from the local snapshot (no network per call); each finished call
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import secrets
@@ -21,8 +22,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property
 
+from aiokafka.errors import KafkaError
+
 from producer.config import ProducerConfig
-from producer.errors import InvalidCallError, UsageSpoolFullError
+from producer.errors import InvalidCallError, KafkaUnavailableError, TopicSetupError, UsageSpoolFullError
 from producer.inflight import Reservation
 from producer.lag import AckedOffsets, Behind
 from producer.limits_feed import LimitsFeed, LimitsTable
@@ -34,9 +37,14 @@ from producer.store import CallUsage, Decision, LimitSource, draft_of
 from producer.tenancy import call_attributes
 from producer.validation import MAX_ATTRIBUTES, check_attributes, check_call_keys, fit_usage
 from schemas.wire import UsageDraft, UsageLike
-from transport.admin import ensure_topics
+from transport.admin import ensure_topics, topic_partitions
+from transport.errors import TopicMismatchError
 
 log = logging.getLogger(__name__)
+
+# A degraded store retries Kafka after this, doubling up to the cap.
+RECONNECT_FIRST_S = 0.5
+RECONNECT_MAX_S = 5.0
 
 
 @dataclass
@@ -45,6 +53,9 @@ class StoreStats:
     stale_refusals: int = 0
     # Of stale_decisions, those made because the aggregator was alive but behind (``producer.lag``).
     lag_stale_decisions: int = 0
+    # Starts that found Kafka unreachable and went on degraded; seconds spent degraded (ended spells).
+    degraded_starts: int = 0
+    degraded_s: float = 0.0
 
 
 class KafkaQuotaStore:
@@ -90,31 +101,119 @@ class KafkaQuotaStore:
         self._stale_partitions: set[int] = set()
         self._recorded = 0
         self.stats = StoreStats()
+        self._degraded_since: float | None = None  # monotonic; None: not degraded
+        self._reconnect: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"KafkaQuotaStore(bootstrap={self.config.connection.bootstrap_servers!r}, instance={self.config.instance_id!r})"
 
+    @property
+    def degraded(self) -> bool:
+        """Started without Kafka (it did not answer within ``start_timeout_s``) and not yet
+        reconnected: decisions follow ``stale_policy`` (no aggregator heard from), every call's
+        usage goes to the spool, and a background task retries Kafka; once it answers the topics
+        are checked, the notices and limits feeds catch up, then the spool is delivered."""
+        return self._degraded_since is not None
+
     async def start(self) -> None:
+        """Check the topics, read the notices and limits topics to their ends, start the publisher.
+
+        Kafka not answering within ``config.start_timeout_s``: with a spool and without
+        ``strict_start``, return degraded (``degraded``); else raise ``KafkaUnavailableError``
+        (chained from the Kafka client's error). Topics that exist with settings this software
+        cannot use: ``TopicSetupError``, degraded or not."""
         if self._started:
             return
-        if self.config.create_topics:
-            await ensure_topics(self.config.connection, self.config.topics)
-        await self.publisher.start()
         try:
-            # Both compacted topics are read to their ends before the first decision, together.
-            await _start_all(self.limits.start(), self.feed.start())
+            await self._connect(within=self.config.start_timeout_s)
+        except TopicMismatchError as exc:
+            await self._close_parts()
+            raise TopicSetupError(str(exc)) from exc
+        except (KafkaError, OSError) as exc:  # TimeoutError is an OSError
+            await self._close_parts()
+            where = self.config.connection.bootstrap_servers
+            if self.config.strict_start or self.config.spool_dir is None:
+                why = "strict_start is set" if self.config.strict_start else "no spool_dir to keep usage in (a strict start)"
+                raise KafkaUnavailableError(
+                    f"Kafka at {where} did not answer within {self.config.start_timeout_s:g}s ({why}): {exc!r}"
+                ) from exc
+            await self._start_degraded(exc)
         except BaseException:
-            await self.limits.stop()
-            await self.feed.stop()
-            await self.publisher.stop()
+            await self._close_parts()
             raise
         self._started = True
 
+    async def _connect(self, *, within: float) -> None:
+        """Kafka's part of starting, in order: topics checked (created when missing), the feeds
+        caught up, the publisher connected (a degraded one then delivers its spool). Reaching the
+        cluster is bounded by ``within``; catching up by ``catch_up_timeout_s`` as always."""
+        async with asyncio.timeout(within):
+            if self.config.create_topics:
+                await ensure_topics(self.config.connection, self.config.topics)
+            else:
+                await topic_partitions(self.config.connection, self.config.topics.usage)
+        # Both compacted topics are read to their ends before the first decision, together.
+        await _start_all(self.limits.start(), self.feed.start())
+        if self.publisher.offline:
+            await self.publisher.connect()
+        else:
+            await self.publisher.start()
+
+    async def _close_parts(self) -> None:
+        await self.limits.stop()
+        await self.feed.stop()
+        if not self.publisher.offline:
+            await self.publisher.stop()
+
+    async def _start_degraded(self, error: BaseException) -> None:
+        await self.publisher.start(offline=True)
+        self._degraded_since = time.monotonic()
+        self.stats.degraded_starts += 1
+        log.warning(
+            "Kafka at %s did not answer within %gs (%r): started DEGRADED: quota decisions follow stale_policy %s, "
+            "usage goes to the spool at %s; retrying Kafka in the background",
+            self.config.connection.bootstrap_servers, self.config.start_timeout_s, error, self.config.stale_policy,
+            self.config.spool_dir,
+        )
+        self._reconnect = asyncio.create_task(self._reconnect_forever(type(error).__name__), name="tokenguard-reconnect")
+
+    async def _reconnect_forever(self, failing: str) -> None:
+        """Retry Kafka with capped backoff until it answers; one log line per change, not per attempt."""
+        backoff = RECONNECT_FIRST_S
+        where = self.config.connection.bootstrap_servers
+        while True:
+            await asyncio.sleep(backoff)
+            try:
+                await self._connect(within=max(self.config.start_timeout_s, self.config.send_timeout_s))
+                break
+            except Exception as exc:
+                await self.limits.stop()
+                await self.feed.stop()
+                if type(exc).__name__ != failing:
+                    failing = type(exc).__name__
+                    level = logging.ERROR if isinstance(exc, TopicMismatchError) else logging.WARNING
+                    log.log(level, "still degraded: Kafka at %s: %r; retrying every %gs at most", where, exc, RECONNECT_MAX_S)
+                backoff = min(backoff * 2, RECONNECT_MAX_S)
+        since, self._degraded_since = self._degraded_since, None
+        spent = time.monotonic() - since if since is not None else 0.0
+        self.stats.degraded_s += spent
+        log.warning("Kafka at %s answers: degraded mode over after %.1fs; topics checked, notices and limits caught up, "
+                    "delivering %d spooled usage events", where, spent, self.publisher.spool_pending)
+
     async def stop(self) -> None:
-        """Deliver queued usage, then close. Idempotent."""
+        """Deliver queued usage, then close. Idempotent. Degraded: stop retrying Kafka at once and
+        keep the spooled usage on disk for the next start."""
         if not self._started:
             return
         self._started = False
+        reconnect, self._reconnect = self._reconnect, None
+        if reconnect is not None:
+            reconnect.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reconnect
+        if self._degraded_since is not None:
+            self.stats.degraded_s += time.monotonic() - self._degraded_since
+            self._degraded_since = None
         await self.publisher.stop()
         await self.feed.stop()
         await self.limits.stop()

@@ -10,6 +10,10 @@ When Kafka is away or slow (a batch not acknowledged within ``send_timeout_s``),
 on-disk spool and are delivered from there (``producer.spool_policy``). ``stop()`` spools what it
 could not deliver in time; the next start on the host delivers it. After a failed send the Kafka
 producer is replaced by a new one, and closed within a bound.
+
+Started ``offline`` (the store's degraded start: Kafka did not answer), the publisher takes events
+as usual but writes every one to the spool and sends nothing until ``connect()`` (once the topics
+are known to exist and their partition count is known); then the spool is delivered first.
 """
 
 from __future__ import annotations
@@ -73,6 +77,13 @@ class UsagePublisher:
         self._closing: set[asyncio.Task[None]] = set()
         self._accepting = False
         self._stopping = False
+        self._offline = False
+
+    @property
+    def offline(self) -> bool:
+        """Started without Kafka (``start(offline=True)``) and not yet ``connect()``-ed: every event
+        goes to the spool."""
+        return self._offline
 
     @property
     def queue_depth(self) -> int:
@@ -87,22 +98,51 @@ class UsagePublisher:
         """The spool refused events (policy ``block``: the store refuses new calls meanwhile)."""
         return self.spool.full
 
-    async def start(self) -> None:
+    async def start(self, *, offline: bool = False) -> None:
+        """Connect and start shipping. ``offline``: connect later (``connect()``); until then every
+        event goes to the spool (``PublisherError`` without one: nothing could keep the events)."""
         if self._task is not None:
             return
-        producer = new_producer(self._config)
-        await producer.start()
-        try:
-            partitions = await producer.partitions_for(self._topic)
-        except BaseException:
-            await producer.stop()
-            raise
+        if offline:
+            if isinstance(self.spool, NoSpool):
+                raise PublisherError("the publisher cannot start offline without a spool directory")
+            # Provisional, until connect() learns the topic's count: only which aggregator's
+            # silence the store consults depends on it meanwhile, and none is heard from offline.
+            self.partitioner.partitions = self._config.topics.partitions
+            self._offline = True
+        else:
+            producer, partitions = await self._connected_producer()
+            self._producer = producer
+            self.partitioner.partitions = partitions
+            self._offline = False
         self.spool.open()
-        self._producer = producer
-        self.partitioner.partitions = len(partitions)
         self._accepting = True
         self._stopping = False
         self._task = asyncio.create_task(self._run(), name="tokenguard-publisher")
+
+    async def connect(self) -> None:
+        """Leave offline mode: connect (the usage topic must exist), learn its partition count,
+        then deliver the spool and what follows it. Raises the Kafka client's error if Kafka does
+        not answer (the caller retries). No-op unless offline."""
+        if not self._offline:
+            return
+        producer, partitions = await self._connected_producer()
+        if partitions != self.partitioner.partitions:
+            self.partitioner = TenantPartitioner(partitions)
+            self.partition_of = self.partitioner.partition
+        self._producer = producer
+        self._offline = False
+        self._wakeup.set()
+
+    async def _connected_producer(self) -> tuple[AIOKafkaProducer, int]:
+        producer = new_producer(self._config)
+        try:
+            await producer.start()
+            partitions = await producer.partitions_for(self._topic)
+        except BaseException:
+            await close_within(producer, 1.0)
+            raise
+        return producer, len(partitions)
 
     async def _replace_producer(self) -> None:
         """After a failed send, start over with a new producer (a new producer id).
@@ -194,6 +234,15 @@ class UsagePublisher:
     async def _run(self) -> None:
         backoff = 0.1
         while True:
+            if self._offline:
+                # No Kafka yet: straight to the spool, in order (refused ones wait in memory, in front).
+                if self._queue:
+                    self._queue.extendleft(reversed(self.spool.spill(self._drain_queue())))
+                if self._stopping:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
             if self.spool.pending:
                 # Catching up: later events queue behind the spooled ones, in order.
                 self._queue.extendleft(reversed(self.spool.spill(self._drain_queue())))
