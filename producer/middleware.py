@@ -32,6 +32,7 @@ from producer.store import (
 )
 from producer.streams import StreamUsage
 from producer.tenancy import current_tenant, default_user_id_getter
+from producer.tracing import trace_fields
 from producer.validation import Counts, bound_model, check_call_keys, check_quota_tokens, settle_counts
 from schemas.periods import key_function_kind, period_kind, seconds_until_end
 
@@ -417,6 +418,7 @@ class TokenGuardMiddleware(ChatMiddleware):
             streaming=streaming,
             event_time=datetime.now(UTC),
             estimated=estimated,
+            **trace_fields(),
         )
         used_after = self._backend.record(usage)
         self._release(reservation, holds)

@@ -165,6 +165,7 @@ def _largest_event(attributes: dict[str, str]) -> UsageDraft:
         cache_read_input_tokens=MAX_TOKENS_PER_EVENT, reasoning_output_tokens=MAX_TOKENS_PER_EVENT,
         quota_tokens=MAX_QUOTA_TOKENS, event_time=datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
         streaming=True, estimated=True, instance_id=wide * MAX_INSTANCE_CHARS, attributes=attributes,
+        trace_id="f" * 32, span_id="f" * 16,
     )
 
 

@@ -12,10 +12,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from schemas._types import Identifier, LimitTokens, PeriodKey, ShortText, Timestamp, TokenCount
 
 # Additive changes only: a new optional field bumps the version; old versions must still decode.
-USAGE_SCHEMA_VERSION: Literal[1] = 1
+# Version 2 added ``trace_id`` and ``span_id``.
+UsageSchemaVersion = Literal[1, 2]
+USAGE_SCHEMA_VERSION: Literal[2] = 2
 
 AttributeKey = Annotated[str, Field(min_length=1, max_length=64)]
 AttributeValue = Annotated[str, Field(max_length=256)]
+# W3C trace context ids as OpenTelemetry formats them: lowercase hex.
+TraceId = Annotated[str, Field(min_length=32, max_length=32, pattern=r"^[0-9a-f]{32}$")]
+SpanId = Annotated[str, Field(min_length=16, max_length=16, pattern=r"^[0-9a-f]{16}$")]
 
 
 class UsageEvent(BaseModel):
@@ -23,12 +28,14 @@ class UsageEvent(BaseModel):
 
     Keyed on the wire by ``tenant_id`` so a tenant's events stay in order in one partition.
     ``event_id`` lets every consumer drop the duplicates that at-least-once delivery creates.
+    ``trace_id`` / ``span_id`` (version 2): the OpenTelemetry span active when the call was
+    recorded, if any, to join a usage event to its trace.
     """
 
     model_config = ConfigDict(frozen=True, strict=True, extra="ignore")
 
     event_id: Annotated[str, Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
-    schema_version: Literal[1] = USAGE_SCHEMA_VERSION
+    schema_version: UsageSchemaVersion = USAGE_SCHEMA_VERSION
     tenant_id: Identifier
     period_key: PeriodKey
     model: Annotated[str, Field(max_length=256)] | None = None
@@ -44,6 +51,8 @@ class UsageEvent(BaseModel):
     estimated: bool = False
     instance_id: ShortText
     attributes: Annotated[dict[AttributeKey, AttributeValue], Field(max_length=32)] = Field(default_factory=dict)
+    trace_id: TraceId | None = None
+    span_id: SpanId | None = None
 
 
 # --- the forms derived from it -------------------------------------------------------------------
@@ -54,7 +63,7 @@ class UsageEvent(BaseModel):
 
 USAGE_FIELDS: tuple[str, ...] = tuple(UsageEvent.model_fields)
 
-# A field with one allowed value is never passed: a generated class fills it in.
+# A field the writer never chooses (the version it writes) is never passed: a generated class fills it in.
 FIXED_FIELDS: frozenset[str] = frozenset({"schema_version"})
 
 

@@ -299,7 +299,7 @@ def table(big_value_bytes: int) -> tuple[list[Planned], list[Planned], list[Plan
             js(ev(acme, 5, model="X")).replace(b'"X"', deep_short),
             "invalid_json",
         ),
-        bad("schema_version 2", acme.encode(), js(ev(acme, 5, schema_version=2)), "unsupported_version"),
+        bad("schema_version 3", acme.encode(), js(ev(acme, 5, schema_version=3)), "unsupported_version"),
         bad("schema_version '1'", acme.encode(), js(ev(acme, 5, schema_version="1")), "unsupported_version"),
         bad("key is another tenant", globex.encode(), js(ev(acme, 5)), "key_mismatch"),
         bad("no key", None, js(ev(acme, 5)), "key_mismatch", partition=home(acme)),

@@ -26,6 +26,7 @@ RICH = UsageEvent(
     cache_read_input_tokens=4, reasoning_output_tokens=5, quota_tokens=1_000,
     event_time=datetime(2026, 4, 14, 1, 2, 3, 456789, tzinfo=UTC), streaming=True, estimated=True,
     instance_id="host-1", attributes={"region": "eu"},
+    trace_id="4bf92f3577b34da6a3ce929d0e0e4736", span_id="00f067aa0ba902b7",
 )
 
 
