@@ -23,7 +23,8 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaClient, AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
 
 from aggregator import recovery
 from aggregator.batch import BatchApplier
@@ -45,11 +46,55 @@ from transport.admin import (
     start_consumer,
     topic_partitions,
 )
+from transport.connection import KafkaConnection
 
 if TYPE_CHECKING:
     from aggregator.metrics import MetricsServer
 
 log = logging.getLogger(__name__)
+
+# Waiting for Kafka at start: first retry after WAIT_FIRST_S, doubling up to WAIT_MAX_S; each probe
+# bounded by WAIT_PROBE_S; one warning at most every WAIT_LOG_EVERY_S.
+WAIT_FIRST_S = 0.5
+WAIT_MAX_S = 5.0
+WAIT_PROBE_S = 5.0
+WAIT_LOG_EVERY_S = 10.0
+
+
+class _LastMessage(logging.Handler):
+    """Keeps aiokafka's last log message during a probe (why it failed) instead of printing it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.last: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.WARNING:
+            self.last = record.getMessage()
+
+
+async def _cluster_answers(connection: KafkaConnection, timeout_s: float) -> str | None:
+    """None when the cluster answers a metadata request within ``timeout_s``; else why not, in one
+    line. aiokafka's own per-attempt errors are kept out of the log meanwhile (one line of ours
+    says it all)."""
+    capture = _LastMessage()
+    logger = logging.getLogger("aiokafka")
+    logger.addHandler(capture)
+    propagate, logger.propagate = logger.propagate, False
+    client = AIOKafkaClient(**connection.client_kwargs(), client_id="tokenguard-aggregator-probe",
+                            request_timeout_ms=max(1000, int(timeout_s * 1000)))
+    try:
+        async with asyncio.timeout(timeout_s):
+            await client.bootstrap()
+        return None
+    except TimeoutError:
+        return f"no answer within {timeout_s:g}s"
+    except (KafkaError, OSError) as exc:
+        return capture.last or f"{type(exc).__name__}: {exc}"
+    finally:
+        await client.close()
+        logger.removeHandler(capture)
+        logger.propagate = propagate
 
 
 
@@ -115,8 +160,52 @@ class AggregatorService:
         return sum(1 for totals in self.state.totals.values() if totals.state == "exceeded")
 
     async def start(self) -> None:
+        """Wait for Kafka (capped backoff, a warning at most every ``WAIT_LOG_EVERY_S``), then check
+        the topics, start the feeds and join the group. The metrics endpoint is up from the first
+        moment: ``/healthz`` answers 200 while the process waits (it is alive), ``/readyz`` 503
+        until its partitions are restored. Cancelling start() (SIGTERM while waiting) closes
+        everything it opened."""
         if self._task is not None:
             return
+        config = self.config
+        if config.metrics_port is not None and self.metrics is None:
+            from aggregator.metrics import MetricsServer
+
+            self.metrics = MetricsServer(self, config.metrics_host, config.metrics_port)
+            await self.metrics.start()
+        # The wait is this service's task meanwhile: ``running`` (liveness) holds while it waits.
+        waiting = self._task = asyncio.create_task(self._wait_for_kafka(), name="tokenguard-aggregator-waiting")
+        try:
+            await waiting
+            self._task = None
+            await self._start_consuming()
+        except BaseException:
+            waiting.cancel()
+            self._task = None
+            metrics, self.metrics = self.metrics, None
+            if metrics is not None:
+                await metrics.stop()
+            raise
+
+    async def _wait_for_kafka(self) -> None:
+        """Return once the cluster answers a metadata request; until then retry with capped
+        exponential backoff, logging a warning at most every ``WAIT_LOG_EVERY_S``."""
+        where = self.config.connection.bootstrap_servers
+        delay, attempt, logged, began = WAIT_FIRST_S, 0, -float("inf"), time.monotonic()
+        while True:
+            attempt += 1
+            failure = await _cluster_answers(self.config.connection, WAIT_PROBE_S)
+            if failure is None:
+                if attempt > 1:
+                    log.warning("Kafka at %s answers (attempt %d, after %.1fs waiting)", where, attempt, time.monotonic() - began)
+                return
+            if time.monotonic() - logged >= WAIT_LOG_EVERY_S:
+                logged = time.monotonic()
+                log.warning("waiting for Kafka at %s (attempt %d, next in %.1fs): %s", where, attempt, delay, failure)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, WAIT_MAX_S)
+
+    async def _start_consuming(self) -> None:
         config = self.config
         if config.create_topics:
             partitions = await ensure_topics(config.connection, config.topics)
@@ -179,11 +268,6 @@ class AggregatorService:
         self._stopping = False
         self._next_reassert = time.monotonic() + config.reassert_interval_s
         self._task = asyncio.create_task(self._run(), name="tokenguard-aggregator")
-        if config.metrics_port is not None:
-            from aggregator.metrics import MetricsServer
-
-            self.metrics = MetricsServer(self, config.metrics_host, config.metrics_port)
-            await self.metrics.start()
 
     async def stop(self) -> None:
         """Finish the batch in hand, leave the group, close everything. Idempotent.

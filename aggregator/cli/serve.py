@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -33,11 +34,21 @@ async def serve(config: AggregatorConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
-    await service.start()
     log = logging.getLogger("aggregator")
+    # start() waits for Kafka as long as it takes; a signal meanwhile ends the wait (exit 0).
+    starting = asyncio.create_task(service.start())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        await service.stop()
+        log.info("aggregator stopped before Kafka answered")
+        return EXIT_OK
+    starting.result()
     log.info("aggregator %s consuming %s", config.aggregator_id, config.topics.usage)
     runner = asyncio.create_task(service.wait())
-    stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
     failed = runner in done and runner.exception() is not None
     if failed:
@@ -48,9 +59,10 @@ async def serve(config: AggregatorConfig) -> int:
     return EXIT_PROBLEM if failed else EXIT_OK
 
 
-@click.command(cls=Command, short_help="run the aggregator service", epilog="Exit codes: 0 stopped by a signal, 1 failed while running, "
+@click.command(cls=Command, short_help="run the aggregator service", epilog="Exit codes: 0 stopped by a signal (also while waiting for Kafka), 1 failed while running, "
                "or at start when the usage topic keeps events for less than its periods need, 2 usage error, "
-               "3 Kafka unreachable at start. SIGUSR1 prints every asyncio task's stack to stderr.")
+               "3 Kafka unreachable within an explicitly given --connect-timeout (without one it waits for Kafka, "
+               "logging every ~10 s). SIGUSR1 prints every asyncio task's stack to stderr.")
 @deployment_options(log_default="INFO")
 @setting("partitions", "--partitions", type=int, help="partitions of usage/totals/notices when creating them")
 @setting("default_limit", "--default-limit", type=int, metavar="TOKENS",
@@ -77,7 +89,10 @@ def aggregator(ctx: click.Context) -> int:
     """Run the aggregator: consume usage events, keep exact token totals per tenant and period,
     publish over-quota notices. Several processes with one group share the partitions."""
     settings, config = load(ctx, log_level="INFO", log_format=SERVICE_LOG, quiet_kafka=False)
-    return run(ctx.command_path, config.connection, settings.connect_timeout_s, lambda: serve(config))
+    # The service waits for Kafka by default (started before it, it must not die); a connect
+    # timeout given explicitly (flag or TOKENGUARD_CONNECT_TIMEOUT_S) keeps the probe and its exit 3.
+    explicit = "connect_timeout_s" in settings.model_fields_set
+    return run(ctx.command_path, config.connection, settings.connect_timeout_s if explicit else None, lambda: serve(config))
 
 
 async def report(config: AggregatorConfig, wait_s: float) -> int:
