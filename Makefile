@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-fast test-unit lint bench kafka-up kafka-down kafka-fetch schemas clean
+.PHONY: install demo test test-fast test-unit lint docker-check bench kafka-up kafka-down kafka-fetch schemas clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ test-fast: install kafka-fetch
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+
+## The Dockerfile through hadolint, docker-compose.yml against the Compose Specification's JSON Schema
+## (no Docker engine needed; tests/unit/test_compose.py runs both and more).
+docker-check: install
+	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 
 test-unit: install
 	$(PY) -m pytest tests/unit
