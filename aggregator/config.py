@@ -58,6 +58,9 @@ class AggregatorConfig:
     # Prometheus /metrics, /healthz and /readyz; None: no endpoint. Loopback unless told otherwise.
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    # Per-tenant gauges on /metrics: the top this many tenant-periods by tokens used, plus every
+    # one not 'ok' (a bound on the series a scrape returns; 0: only the ones not 'ok').
+    metrics_top_tenants: int = 50
     idempotence: bool = True
     create_topics: bool = True
     # How long after a period's end its late events still count in it; the period seals then.
@@ -84,6 +87,8 @@ class AggregatorConfig:
             raise ValueError(f"default_limit must be >= 0, got {self.default_limit}")
         if self.heartbeat_interval_s <= 0 or self.reassert_interval_s <= 0 or self.rate_window_keep_s < 0:
             raise ValueError("heartbeat_interval_s, reassert_interval_s must be positive, rate_window_keep_s >= 0")
+        if self.metrics_top_tenants < 0:
+            raise ValueError(f"metrics_top_tenants must be >= 0, got {self.metrics_top_tenants}")
         if self.batch_max < 1 or self.batch_window_ms < 1 or self.dedup_window < 1:
             raise ValueError("batch_max, batch_window_ms and dedup_window must be positive")
         if not 0 < self.longest_period_s <= MAX_PERIOD_S or not 0 <= self.seal_grace_s <= MAX_PERIOD_S:
@@ -111,6 +116,8 @@ class AggregatorSettings(DeploymentSettings):
                                        validation_alias="TOKENGUARD_REASSERT_INTERVAL_S")
     metrics_port: int | None = Field(None, ge=1, le=65_535, validation_alias="TOKENGUARD_METRICS_PORT")
     metrics_host: NonBlank = Field(AggregatorConfig.metrics_host, validation_alias="TOKENGUARD_METRICS_HOST")
+    metrics_top_tenants: int = Field(AggregatorConfig.metrics_top_tenants, ge=0, le=10_000,
+                                     validation_alias="TOKENGUARD_METRICS_TOP_TENANTS")
     seal_grace_s: float = Field(AggregatorConfig.seal_grace_s, ge=0, le=MAX_PERIOD_S,
                                 validation_alias="TOKENGUARD_SEAL_GRACE_S")
     longest_period_s: float = Field(AggregatorConfig.longest_period_s, gt=0, le=MAX_PERIOD_S,
@@ -127,7 +134,8 @@ class AggregatorSettings(DeploymentSettings):
             default_limit=self.default_limit, warning_ratio=self.warning_ratio,
             group_instance_id=self.group_instance_id, dedup_window=self.dedup_window,
             session_timeout_ms=self.session_timeout_ms, reassert_interval_s=self.reassert_interval_s,
-            metrics_port=self.metrics_port, metrics_host=self.metrics_host, idempotence=self.idempotence,
+            metrics_port=self.metrics_port, metrics_host=self.metrics_host,
+            metrics_top_tenants=self.metrics_top_tenants, idempotence=self.idempotence,
             seal_grace_s=self.seal_grace_s, longest_period_s=self.longest_period_s,
             allow_short_retention=self.allow_short_retention, seal_periods=self.seal_periods,
         )

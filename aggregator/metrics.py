@@ -10,23 +10,61 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from schemas.policy import COUNTER_PREFIX
+
 if TYPE_CHECKING:
     from aggregator.service import AggregatorService
+    from aggregator.state import Key, Totals
 
 log = logging.getLogger(__name__)
 
 
+# Every per-tenant series the aggregator exports; the dashboard's queries are checked against these.
+TENANT_USED = "tokenguard_tenant_used_tokens"
+TENANT_LIMIT = "tokenguard_tenant_limit_tokens"
+
+
+def tenant_series(items: Iterable[tuple[Key, Totals]], top: int) -> list[tuple[Key, Totals]]:
+    """The tenant-periods the per-tenant gauges show: the ``top`` by tokens used and every one not
+    'ok', each once, sorted by tenant and period. Rule counters (``rule:`` period keys, which may
+    count cost rather than tokens) are left out.
+
+    One pass with a heap of ``top`` and a floor below which nothing is looked at further: about
+    60 ms for a million tenant-periods (tests/unit/test_telemetry.py), at most ``top`` + not-'ok'
+    series per scrape."""
+    heap: list[tuple[int, Key, Totals]] = []
+    others: dict[Key, Totals] = {}
+    floor = -1
+    for key, totals in items:
+        if totals.state != "ok":
+            if not key[1].startswith(COUNTER_PREFIX):
+                others[key] = totals
+            continue
+        if totals.used <= floor or top == 0 or key[1].startswith(COUNTER_PREFIX):
+            continue
+        if len(heap) < top:
+            heapq.heappush(heap, (totals.used, key, totals))
+        else:
+            heapq.heapreplace(heap, (totals.used, key, totals))
+        if len(heap) == top:
+            floor = heap[0][0]
+    others.update((key, totals) for _, key, totals in heap)
+    return sorted(others.items())
+
+
 class ServiceCollector(Collector):
-    def __init__(self, service: AggregatorService) -> None:
+    def __init__(self, service: AggregatorService, *, top_tenants: int | None = None) -> None:
         self._service = service
+        self._top = service.config.metrics_top_tenants if top_tenants is None else top_tenants
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         stats = self._service.stats
@@ -59,6 +97,19 @@ class ServiceCollector(Collector):
                                 value=len(self._service.owned_partitions))
         yield GaugeMetricFamily("tokenguard_aggregator_restore_seconds", "duration of the last restore",
                                 value=stats.last_restore_s)
+        yield from self._tenants()
+
+    def _tenants(self) -> Iterator[GaugeMetricFamily]:
+        used = GaugeMetricFamily(TENANT_USED, f"tokens used per tenant and period (top {self._top} by use, "
+                                 "and every tenant-period not ok)", labels=["tenant", "period"])
+        limit = GaugeMetricFamily(TENANT_LIMIT, "the limit governing the tenant-period in the used gauge",
+                                  labels=["tenant", "period"])
+        # Scraped on the event loop, between batches: the totals do not change during the pass.
+        for (tenant, period), totals in tenant_series(self._service.state.totals.items(), self._top):
+            used.add_metric([tenant, period], totals.used)
+            limit.add_metric([tenant, period], totals.limit)
+        yield used
+        yield limit
 
 
 class MetricsServer:

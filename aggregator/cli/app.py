@@ -11,7 +11,7 @@ import click
 from aggregator.cli.contract import EXIT_USAGE, Group
 from aggregator.cli.deploy import acls, topics
 from aggregator.cli.limits import limits
-from aggregator.cli.options import deployment_options
+from aggregator.cli.options import deployment_options, setting
 from aggregator.cli.output import printable
 from aggregator.cli.prices import prices
 from aggregator.cli.serve import aggregator, verify
@@ -55,6 +55,10 @@ def tokenguard() -> None:
       tokenguard acls --agent User:a --aggregator User:g --operator User:o [--apply]
     """
 
+
+# The service's telemetry flags (its other settings' flags are in aggregator/cli/serve.py).
+setting("metrics_top_tenants", "--metrics-top-tenants", type=click.IntRange(0, 10_000), metavar="N",
+        help="per-tenant gauges on /metrics for the top N tenant-periods by tokens used, plus every one not ok")(aggregator)
 
 for command in (aggregator, verify, limits, prices, usage, replay, simulate, topics, acls):
     tokenguard.add_command(command)

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 from agent_framework import Agent
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
-from producer import KafkaQuotaStore, ProducerConfig, TokenGuardMiddleware
+from aggregator import AggregatorConfig
+from aggregator.metrics import TENANT_LIMIT, TENANT_USED
+from producer import KafkaQuotaStore, ProducerConfig, TokenGuardMiddleware, UsagePublisher
 from producer.scripted import ScriptedChatClient
 from schemas.wire import decode_usage
-from tests.helpers import eventually, read_topic, run_agent
+from tests.helpers import eventually, make_event, read_topic, run_agent, running_aggregator
+from tests.integration.test_metrics import get
 
 pytestmark = pytest.mark.integration
 
@@ -50,3 +55,24 @@ async def test_a_call_inside_a_span_carries_its_ids_to_the_usage_topic(store: Ka
     assert (inside.trace_id, inside.span_id) == (format(context.trace_id, "032x"), format(context.span_id, "016x"))
     assert inside.schema_version == 2 and inside.streaming is stream
     assert (outside.trace_id, outside.span_id) == (None, None)
+
+
+async def test_the_aggregator_exports_the_top_tenants_and_every_blocked_one(
+    producer_config: ProducerConfig, aggregator_config: AggregatorConfig
+) -> None:
+    config = replace(aggregator_config, metrics_port=0, metrics_top_tenants=2)
+    async with running_aggregator(config) as aggregator:
+        assert aggregator.metrics is not None
+        async with UsagePublisher(producer_config) as publisher:
+            for tenant, tokens in (("t1", 100), ("t2", 200), ("t3", 300), ("t4", 400)):
+                publisher.publish(make_event(tenant, tokens))
+            publisher.publish(make_event("blocked", 60, quota=50))
+            await publisher.flush()
+        await eventually(lambda: aggregator.stats.events == 5, 30, "all applied")
+        await asyncio.sleep(0)
+        status, text = await get(aggregator.metrics.port, "/metrics")
+    assert status == 200
+    used = {line for line in text.splitlines() if line.startswith(TENANT_USED + "{")}
+    assert used == {f'{TENANT_USED}{{period="2026-04",tenant="{tenant}"}} {value}'
+                    for tenant, value in (("t3", "300.0"), ("t4", "400.0"), ("blocked", "60.0"))}
+    assert f'{TENANT_LIMIT}{{period="2026-04",tenant="blocked"}} 50.0' in text
