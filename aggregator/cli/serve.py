@@ -61,8 +61,7 @@ async def serve(config: AggregatorConfig) -> int:
 
 @click.command(cls=Command, short_help="run the aggregator service", epilog="Exit codes: 0 stopped by a signal (also while waiting for Kafka), 1 failed while running, "
                "or at start when the usage topic keeps events for less than its periods need, 2 usage error, "
-               "3 Kafka unreachable within an explicitly given --connect-timeout (without one it waits for Kafka, "
-               "logging every ~10 s). SIGUSR1 prints every asyncio task's stack to stderr.")
+               "3 Kafka unreachable at start (unless --wait-for-kafka: then it waits, logging every ~10 s). SIGUSR1 prints every asyncio task's stack to stderr.")
 @deployment_options(log_default="INFO")
 @setting("partitions", "--partitions", type=int, help="partitions of usage/totals/notices when creating them")
 @setting("default_limit", "--default-limit", type=int, metavar="TOKENS",
@@ -84,15 +83,16 @@ async def serve(config: AggregatorConfig) -> int:
          help="seal each tenant-period --seal-grace after its period ends (final totals to the sealed topic)")
 @setting("allow_short_retention", "--allow-short-retention/--no-allow-short-retention",
          help="start (with a warning) even if the usage topic keeps events for less than the periods need")
+@click.option("--wait-for-kafka/--no-wait-for-kafka", "wait_for_kafka", default=False, envvar="TOKENGUARD_WAIT_FOR_KAFKA",
+              help="started before Kafka, wait for it (logged every ~10 s; /healthz 200, /readyz 503) instead of exit 3")
 @click.pass_context
-def aggregator(ctx: click.Context) -> int:
+def aggregator(ctx: click.Context, wait_for_kafka: bool) -> int:
     """Run the aggregator: consume usage events, keep exact token totals per tenant and period,
     publish over-quota notices. Several processes with one group share the partitions."""
     settings, config = load(ctx, log_level="INFO", log_format=SERVICE_LOG, quiet_kafka=False)
-    # The service waits for Kafka by default (started before it, it must not die); a connect
-    # timeout given explicitly (flag or TOKENGUARD_CONNECT_TIMEOUT_S) keeps the probe and its exit 3.
-    explicit = "connect_timeout_s" in settings.model_fields_set
-    return run(ctx.command_path, config.connection, settings.connect_timeout_s if explicit else None, lambda: serve(config))
+    # Waiting, the service itself retries Kafka (AggregatorService.start); else the probe's exit 3.
+    return run(ctx.command_path, config.connection, None if wait_for_kafka else settings.connect_timeout_s,
+               lambda: serve(config))
 
 
 async def report(config: AggregatorConfig, wait_s: float) -> int:

@@ -55,7 +55,8 @@ async def test_started_before_kafka_every_token_reaches_the_totals(tmp_path: Pat
     aggregator_config = AggregatorConfig(connection=connection, topics=layout, group_id="degraded-aggregator",
                                          aggregator_id="degraded-aggregator", heartbeat_interval_s=0.2, seal_periods=False)
     metrics_port = free_port()
-    aggregator = AggregatorProcess(aggregator_config, env={"TOKENGUARD_METRICS_PORT": str(metrics_port)})
+    aggregator = AggregatorProcess(aggregator_config, env={"TOKENGUARD_METRICS_PORT": str(metrics_port),
+                                                                   "TOKENGUARD_WAIT_FOR_KAFKA": "true"})
     try:
         # Strict: a TokenGuardError, not aiokafka's, within the bound.
         strict = KafkaQuotaStore(replace(config, strict_start=True, spool_dir=tmp_path / "strict"))
@@ -131,7 +132,7 @@ async def test_sigterm_while_the_aggregator_waits_for_kafka_exits_0(tmp_path: Pa
     layout = TopicLayout(prefix=f"waiting{port}.", partitions=3)
     config = AggregatorConfig(connection=KafkaConnection(bootstrap_servers=f"127.0.0.1:{port}"), topics=layout,
                               group_id="waiting-aggregator", seal_periods=False)
-    aggregator = AggregatorProcess(config)
+    aggregator = AggregatorProcess(config, env={"TOKENGUARD_WAIT_FOR_KAFKA": "true"})
     await aggregator.start()
     try:
         await eventually(lambda: "waiting for Kafka at" in aggregator.log(), 30, "waiting line")
