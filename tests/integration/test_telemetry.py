@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -15,8 +16,9 @@ from aggregator import AggregatorConfig
 from aggregator.metrics import TENANT_LIMIT, TENANT_USED
 from producer import KafkaQuotaStore, ProducerConfig, TokenGuardMiddleware, UsagePublisher
 from producer.scripted import ScriptedChatClient
+from schemas.topics import TopicLayout
 from schemas.wire import decode_usage
-from tests.helpers import eventually, make_event, read_topic, run_agent, running_aggregator
+from tests.helpers import eventually, make_event, read_topic, run_agent, run_python, running_aggregator
 from tests.integration.test_metrics import get
 
 pytestmark = pytest.mark.integration
@@ -76,3 +78,18 @@ async def test_the_aggregator_exports_the_top_tenants_and_every_blocked_one(
     assert used == {f'{TENANT_USED}{{period="2026-04",tenant="{tenant}"}} {value}'
                     for tenant, value in (("t3", "300.0"), ("t4", "400.0"), ("blocked", "60.0"))}
     assert f'{TENANT_LIMIT}{{period="2026-04",tenant="blocked"}} 50.0' in text
+
+
+async def test_json_logs_are_one_object_per_line(kafka_bootstrap: str, layout: TopicLayout) -> None:
+    where = ["--bootstrap-servers", kafka_bootstrap, "--prefix", layout.prefix]
+    code, _, err = await run_python("-m", "aggregator.cli", "topics", "create", *where, "--log-level", "info",
+                                    env={"TOKENGUARD_LOG_FORMAT": "json"})
+    assert code == 0, err
+    code, out, err_show = await run_python("-m", "aggregator.cli", "usage", "show", *where, "--log-format", "json",
+                                           "--log-level", "debug")
+    assert code == 0 and out.startswith("tenant"), err_show
+    lines = (err + err_show).splitlines()
+    assert len(lines) > 10 and any("aiokafka" in line for line in lines)
+    for line in lines:
+        parsed = json.loads(line)
+        assert set(parsed) == {"time", "level", "logger", "message"}, line

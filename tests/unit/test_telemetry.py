@@ -3,18 +3,23 @@ per-tenant gauges, the dashboard's queries."""
 
 from __future__ import annotations
 
+import json
+import logging
+import sys
 import time
 from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from aiokafka.errors import GroupCoordinatorNotAvailableError
 from click.testing import CliRunner
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from prometheus_client import CollectorRegistry, generate_latest
 
 from aggregator.cli.app import tokenguard
+from aggregator.cli.options import CliSettings, ExpectedKafkaNoise, JsonLogFormatter
 from aggregator.config import AggregatorConfig
 from aggregator.metrics import TENANT_LIMIT, TENANT_USED, ServiceCollector, tenant_series
 from aggregator.state import Totals
@@ -150,3 +155,71 @@ def test_the_top_tenants_setting_has_a_variable_and_a_flag() -> None:
         AggregatorConfig.from_env({"TOKENGUARD_METRICS_TOP_TENANTS": "-1"})
     help_text = CliRunner().invoke(tokenguard, ["aggregator", "--help"], terminal_width=400).output
     assert "--metrics-top-tenants" in help_text and "TOKENGUARD_METRICS_TOP_TENANTS" in help_text
+
+
+# -- logs: JSON lines on request, aiokafka's expected start-up errors below WARNING ---------------
+
+
+def record(name: str, level: int, msg: str, *args: object, exc: bool = False) -> logging.LogRecord:
+    exc_info = None
+    if exc:
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            exc_info = sys.exc_info()
+    return logging.LogRecord(name, level, __file__, 1, msg, args, exc_info)
+
+
+def test_json_log_lines_have_time_level_logger_message_and_never_a_secret() -> None:
+    formatter = JsonLogFormatter(secrets=["hunter2-secret", ""])
+    line = formatter.format(record("aggregator.service", logging.ERROR, "login with %s failed", "hunter2-secret", exc=True))
+    assert "\n" not in line and "hunter2" not in line
+    parsed = json.loads(line)
+    assert set(parsed) == {"time", "level", "logger", "message"}
+    assert (parsed["level"], parsed["logger"]) == ("ERROR", "aggregator.service")
+    assert parsed["message"].startswith("login with *** failed\nTraceback") and "ValueError: boom" in parsed["message"]
+    assert datetime.fromisoformat(parsed["time"]).tzinfo is not None
+
+
+def test_the_log_format_setting_has_a_variable_and_a_flag_on_every_kafka_command() -> None:
+    assert CliSettings.read({"TOKENGUARD_LOG_FORMAT": "JSON"}).log_format == "json"
+    with pytest.raises(ValueError, match="TOKENGUARD_LOG_FORMAT"):
+        CliSettings.read({"TOKENGUARD_LOG_FORMAT": "xml"})
+    for args in (["--help"], ["usage", "show", "--help"], ["aggregator", "--help"]):
+        assert "--log-format [text|json]" in CliRunner().invoke(tokenguard, args, terminal_width=400).output
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_only_the_expected_start_up_errors_are_lowered_and_only_at_start() -> None:
+    clock = Clock()
+    noise = ExpectedKafkaNoise(60, clock=clock)
+    logging.getLogger("aiokafka").setLevel(logging.INFO)
+    try:
+        coordinator = record("aiokafka.consumer.group_coordinator", logging.ERROR, "Group Coordinator Request failed: %s",
+                             GroupCoordinatorNotAvailableError())
+        assert noise.filter(coordinator) and (coordinator.levelno, coordinator.levelname) == (logging.INFO, "INFO")
+        leaderless = record("aiokafka.cluster", logging.WARNING,
+                            "Topic %s is not available during auto-create initialization", "t.usage")
+        assert noise.filter(leaderless) and leaderless.levelno == logging.INFO
+        other_error = record("aiokafka.consumer.group_coordinator", logging.ERROR,
+                             "Group Coordinator Request failed: %s", ValueError("something else"))
+        unexpected = record("aiokafka.cluster", logging.ERROR, "Topic %s not found in cluster metadata", "t.usage")
+        for kept in (other_error, unexpected):
+            assert noise.filter(kept) and kept.levelno == logging.ERROR
+        logging.getLogger("aiokafka").setLevel(logging.WARNING)
+        quiet = record("aiokafka.consumer.group_coordinator", logging.ERROR, "Group Coordinator Request failed: %s",
+                       GroupCoordinatorNotAvailableError())
+        assert not noise.filter(quiet), "lowered below the level shown: dropped"
+        clock.now = 61
+        late = record("aiokafka.consumer.group_coordinator", logging.ERROR, "Group Coordinator Request failed: %s",
+                      GroupCoordinatorNotAvailableError())
+        assert noise.filter(late) and late.levelno == logging.ERROR, "past the start-up window it is a real problem"
+    finally:
+        logging.getLogger("aiokafka").setLevel(logging.NOTSET)
