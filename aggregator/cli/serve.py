@@ -83,15 +83,15 @@ async def serve(config: AggregatorConfig) -> int:
          help="seal each tenant-period --seal-grace after its period ends (final totals to the sealed topic)")
 @setting("allow_short_retention", "--allow-short-retention/--no-allow-short-retention",
          help="start (with a warning) even if the usage topic keeps events for less than the periods need")
-@click.option("--wait-for-kafka/--no-wait-for-kafka", "wait_for_kafka", default=False, envvar="TOKENGUARD_WAIT_FOR_KAFKA",
-              help="started before Kafka, wait for it (logged every ~10 s; /healthz 200, /readyz 503) instead of exit 3")
+@setting("wait_for_kafka", "--wait-for-kafka/--no-wait-for-kafka",
+         help="started before Kafka, wait for it (logged every ~10 s; /healthz 200, /readyz 503) instead of exit 3")
 @click.pass_context
-def aggregator(ctx: click.Context, wait_for_kafka: bool) -> int:
+def aggregator(ctx: click.Context) -> int:
     """Run the aggregator: consume usage events, keep exact token totals per tenant and period,
     publish over-quota notices. Several processes with one group share the partitions."""
     settings, config = load(ctx, log_level="INFO", log_format=SERVICE_LOG, quiet_kafka=False)
     # Waiting, the service itself retries Kafka (AggregatorService.start); else the probe's exit 3.
-    return run(ctx.command_path, config.connection, None if wait_for_kafka else settings.connect_timeout_s,
+    return run(ctx.command_path, config.connection, None if settings.wait_for_kafka else settings.connect_timeout_s,
                lambda: serve(config))
 
 
