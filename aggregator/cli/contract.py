@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import click
@@ -33,6 +33,15 @@ class UsageError(AggregatorError):
 
 class KafkaUnreachableError(AggregatorError):
     """No Kafka answer within the connect timeout (or the cluster refused the connection): exit 3."""
+
+
+class MissingTopicError(AggregatorError):
+    """The deployment's topics are not there (never created, or another prefix): exit 1 at once,
+    instead of the Kafka client's metadata retries."""
+
+
+# ctx.meta key: the topics the running command needs (``options.load`` sets it; ``run`` checks).
+REQUIRED_TOPICS = "tokenguard.required_topics"
 
 
 class Command(click.Command):
@@ -73,10 +82,12 @@ class _Capture(logging.Handler):
             self.last = record.getMessage()
 
 
-async def probe(connection: KafkaConnection, timeout_s: float) -> None:
+async def probe(connection: KafkaConnection, timeout_s: float, *, required_topics: Sequence[str] = ()) -> None:
     """Return once the cluster answers a metadata request; ``KafkaUnreachableError`` if it does not
     within ``timeout_s``. Every command that talks to Kafka starts with it, so an unreachable
-    cluster is one line and exit 3 within the timeout, whatever the command would do next."""
+    cluster is one line and exit 3 within the timeout, whatever the command would do next.
+    ``MissingTopicError`` names the first of ``required_topics`` the cluster does not have (one
+    metadata request for every topic the client may describe)."""
     capture = _Capture()
     logger = logging.getLogger("aiokafka")
     logger.addHandler(capture)
@@ -90,6 +101,8 @@ async def probe(connection: KafkaConnection, timeout_s: float) -> None:
         try:
             async with asyncio.timeout(timeout_s):
                 await client.bootstrap()
+                # Every topic's metadata (a request naming the topics could auto-create them).
+                existing = (await client.fetch_all_metadata()).topics() if required_topics else set()
         except TimeoutError:
             raise KafkaUnreachableError(f"Kafka at {where} did not answer within {timeout_s:g}s") from None
         except KafkaError as exc:
@@ -100,6 +113,9 @@ async def probe(connection: KafkaConnection, timeout_s: float) -> None:
         logger.removeHandler(capture)
         logger.propagate = propagate
         logger.setLevel(level)
+    missing = [topic for topic in required_topics if topic not in existing]
+    if missing:
+        raise MissingTopicError(f"topic {missing[0]} does not exist: run `tokenguard topics create`")
 
 
 def exit_code(exc: BaseException, connection: KafkaConnection) -> tuple[int, str] | None:
@@ -121,11 +137,14 @@ def exit_code(exc: BaseException, connection: KafkaConnection) -> tuple[int, str
 def run(
     prog: str, connection: KafkaConnection, timeout_s: float | None, command: Callable[[], Awaitable[int]]
 ) -> int:
-    """Run ``command`` (after a probe when ``timeout_s`` is given) under the exit-code contract."""
+    """Run ``command`` (after a probe when ``timeout_s`` is given, which also checks that the
+    topics the command needs exist: ``REQUIRED_TOPICS``) under the exit-code contract."""
+    ctx = click.get_current_context(silent=True)
+    required: Sequence[str] = ctx.meta.get(REQUIRED_TOPICS, ()) if ctx is not None else ()
 
     async def guarded() -> int:
         if timeout_s is not None:
-            await probe(connection, timeout_s)
+            await probe(connection, timeout_s, required_topics=required)
         return await command()
 
     try:

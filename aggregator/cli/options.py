@@ -21,7 +21,7 @@ import click
 from pydantic import Field, field_validator
 from pydantic_core import PydanticUndefined
 
-from aggregator.cli.contract import UsageError
+from aggregator.cli.contract import REQUIRED_TOPICS, UsageError
 from aggregator.config import AggregatorConfig, AggregatorSettings
 from transport.connection import SettingsError
 
@@ -155,6 +155,20 @@ def deployment_options(log_default: str = "WARNING") -> Callable[[F], F]:
     return apply
 
 
+# Commands that create the topics, report on them, or need none: every other command that talks to
+# Kafka needs the deployment's topics and fails at once (exit 1) when one is missing.
+WITHOUT_TOPICS = frozenset({("topics", "create"), ("topics", "check"), ("acls",), ("aggregator",)})
+
+
+def command_names(ctx: click.Context) -> tuple[str, ...]:
+    """The command's names under the root: ("limits", "list") for ``tokenguard limits list``."""
+    names: list[str] = []
+    while ctx.parent is not None:
+        names.append(ctx.command.name or "")
+        ctx = ctx.parent
+    return tuple(reversed(names))
+
+
 def load(
     ctx: click.Context, *, log_level: str = "WARNING", log_format: str = OPERATOR_LOG, quiet_kafka: bool = True
 ) -> tuple[CliSettings, AggregatorConfig]:
@@ -170,6 +184,8 @@ def load(
         raise UsageError(str(SettingsError(named))) from None
     except ValueError as exc:  # AggregatorConfig's own checks
         raise UsageError(f"invalid setting: {exc}") from None
+    if command_names(ctx) not in WITHOUT_TOPICS:
+        ctx.meta[REQUIRED_TOPICS] = [spec.name for spec in config.topics.specs()]
     level = settings.log_level or log_level
     secrets = [secret.get_secret_value() for secret in (settings.sasl_password, settings.ssl_password) if secret]
     configure_logging(level, text_format=log_format, json_lines=settings.log_format == "json", secrets=secrets)

@@ -93,3 +93,17 @@ async def test_json_logs_are_one_object_per_line(kafka_bootstrap: str, layout: T
     for line in lines:
         parsed = json.loads(line)
         assert set(parsed) == {"time", "level", "logger", "message"}, line
+
+
+@pytest.mark.parametrize("args", [("usage", "show"), ("limits", "list"), ("prices", "list"), ("verify",), ("replay",)],
+                         ids=lambda args: " ".join(args))
+async def test_a_command_against_missing_topics_fails_at_once(kafka_bootstrap: str, layout: TopicLayout,
+                                                              args: tuple[str, ...]) -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    code, out, err = await run_python("-m", "aggregator.cli", *args, "--bootstrap-servers", kafka_bootstrap,
+                                      "--prefix", layout.prefix)
+    took = loop.time() - started
+    assert code == 1 and out == "", (code, out, err)
+    assert err == f"tokenguard {' '.join(args)}: topic {layout.usage} does not exist: run `tokenguard topics create`\n"
+    assert took < 10, f"{took:.1f}s"
