@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -136,7 +138,7 @@ def test_a_scrape_of_a_million_tenant_periods_stays_cheap() -> None:
 def fake_service(totals: dict[tuple[str, str], Totals], *, top: int) -> Any:
     """What the collector reads of an ``AggregatorService``: a null object, no broker."""
     return SimpleNamespace(
-        stats=AggregatorStats(), state=SimpleNamespace(totals=totals), owned_partitions=set(), lag=dict,
+        stats=AggregatorStats(), state=SimpleNamespace(totals=totals), owned_partitions={0}, lag=lambda: {0: 0},
         blocked_count=lambda: sum(1 for t in totals.values() if t.state == "exceeded"),
         config=AggregatorConfig(metrics_top_tenants=top),
     )
@@ -223,3 +225,23 @@ def test_only_the_expected_start_up_errors_are_lowered_and_only_at_start() -> No
         assert noise.filter(late) and late.levelno == logging.ERROR, "past the start-up window it is a real problem"
     finally:
         logging.getLogger("aiokafka").setLevel(logging.NOTSET)
+
+
+# -- the Grafana dashboard names only series the aggregator exports -------------------------------
+
+DASHBOARD = Path(__file__).resolve().parent.parent.parent / "examples" / "grafana-dashboard.json"
+PROMQL_WORDS = {"sum", "by", "rate", "topk", "or", "max", "min", "avg", "without", "increase", "on", "ignoring"}
+
+
+def test_every_dashboard_query_names_a_series_the_aggregator_exports() -> None:
+    rows = [("acme", "2026-04", 10, 100, "ok"), ("blocked", "2026-04", 5, 5, "exceeded")]
+    text = generate_latest(registry_of(fake_service(totals_of(*rows), top=5))).decode()
+    exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+    exprs = [target["expr"] for panel in json.loads(DASHBOARD.read_text())["panels"] for target in panel["targets"]]
+    assert exprs
+    for expr in exprs:
+        without_labels = re.sub(r"\{[^}]*\}|\[[^\]]*\]|\"[^\"]*\"", "", expr)
+        names = {word for word in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", without_labels) if word not in PROMQL_WORDS}
+        names -= {"partition", "tenant", "period"}  # grouping labels
+        assert names, expr
+        assert names <= exported, (expr, names - exported)
