@@ -88,7 +88,8 @@ class TopicLayout:
 
     prefix: str = DEFAULT_PREFIX
     partitions: int = 6
-    replication_factor: int = 1
+    # None: the cluster's (three copies on three brokers or more, else one per broker).
+    replication_factor: int | None = None
     # Derived from the default longest period (a month) and seal grace: 63 days. A deployment that
     # counts in longer periods gets its own from ``AggregatorSettings`` (``TOKENGUARD_LONGEST_PERIOD_S``).
     usage_retention_ms: int = default_usage_retention_ms(DEFAULT_LONGEST_PERIOD_S, DEFAULT_SEAL_GRACE_S)

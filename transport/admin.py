@@ -33,8 +33,9 @@ async def ensure_topics(connection: KafkaConnection, layout: TopicLayout) -> dic
         existing = set(await admin.list_topics())
         missing = [spec for spec in specs if spec.name not in existing]
         if missing:
+            replication = layout.replication_factor or await _cluster_replication(admin)
             response = await admin.create_topics(
-                [NewTopic(s.name, s.partitions, layout.replication_factor, topic_configs=s.configs) for s in missing]
+                [NewTopic(s.name, s.partitions, replication, topic_configs=s.configs) for s in missing]
             )
             for name, code, message in response.topic_errors:
                 if code not in (0, _ALREADY_EXISTS):
@@ -63,6 +64,14 @@ async def ensure_topics(connection: KafkaConnection, layout: TopicLayout) -> dic
             f"{partitions[layout.usage]}: the totals changelog must be co-partitioned with usage"
         )
     return partitions
+
+
+async def _cluster_replication(admin: AIOKafkaAdminClient) -> int:
+    """The replication a topic gets when the layout does not say: three copies once the cluster
+    has three brokers (what survives one broker lost with ``min.insync.replicas`` 2), else one
+    per broker."""
+    cluster = await admin.describe_cluster()
+    return min(3, max(1, len(cluster["brokers"])))
 
 
 async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str], timeout: float = 30.0) -> dict[str, int]:

@@ -30,7 +30,7 @@ from producer.scripted import ScriptedChatClient
 from schemas.limits import QuotaLimit
 from schemas.topics import TopicLayout
 from tests.helpers import eventually, read_topic, run_agent, running_aggregator, verified
-from transport.admin import ensure_topics
+from transport.admin import TopicMismatchError, ensure_topics
 from transport.connection import KafkaConnection
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(420)]
@@ -84,8 +84,22 @@ class Instance:
 
 async def test_killing_the_leader_loses_nothing_and_notices_still_arrive(cluster: Cluster, tmp_path: Path) -> None:
     connection = KafkaConnection(bootstrap_servers=cluster.bootstrap_servers)
-    layout = TopicLayout(prefix=f"c{uuid.uuid4().hex[:8]}.", partitions=3, replication_factor=3)
-    await ensure_topics(connection, layout)
+    layout = TopicLayout(prefix=f"c{uuid.uuid4().hex[:8]}.", partitions=3)  # the cluster's replication: 3
+    for attempt in range(20):  # a fresh cluster answers metadata before all three brokers are unfenced
+        try:
+            await ensure_topics(connection, layout)
+            break
+        except TopicMismatchError:
+            if attempt == 19:
+                raise
+            await asyncio.sleep(1)
+    admin = AIOKafkaAdminClient(**connection.client_kwargs())
+    await admin.start()
+    try:
+        described = await admin.describe_topics([layout.usage, layout.notices, layout.totals])
+    finally:
+        await admin.close()
+    assert {len(p["replicas"]) for topic in described for p in topic["partitions"]} == {3}
     aggregator_config = AggregatorConfig(connection=connection, topics=layout, group_id=f"{layout.prefix}aggregator",
                                          aggregator_id="cluster-test", heartbeat_interval_s=0.2, seal_periods=False)
     configs = [ProducerConfig(connection=connection, topics=layout, instance_id=f"agent-{i}", catch_up_timeout_s=30,
