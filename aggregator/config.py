@@ -124,9 +124,6 @@ class AggregatorSettings(DeploymentSettings):
                                     validation_alias="TOKENGUARD_LONGEST_PERIOD_S")
     allow_short_retention: bool = Field(False, validation_alias="TOKENGUARD_ALLOW_SHORT_RETENTION")
     seal_periods: bool = Field(AggregatorConfig.seal_periods, validation_alias="TOKENGUARD_SEAL_PERIODS")
-    # Started before Kafka answers, wait for it (AggregatorService.start retries with backoff)
-    # instead of exiting 3 ("unreachable") as every other command does.
-    wait_for_kafka: bool = Field(False, validation_alias="TOKENGUARD_WAIT_FOR_KAFKA")
 
     def config(self) -> AggregatorConfig:
         # The usage topic is created with the retention its periods need (63 days for months).

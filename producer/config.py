@@ -78,6 +78,10 @@ class ProducerConfig:
     max_lag_events: int | None = 100_000
     max_lag_s: float | None = 60.0
     lag_policy: StalePolicy = "fail_closed"
+    # Write every usage event to a journal in the spool folder before the call returns
+    # (``producer.journal``), so a process killed with events still queued loses none of them;
+    # needs a spool_dir. False: events queued in memory die with the process.
+    journal: bool = True
     # start() waits this long for Kafka. Unreachable by then: the store starts degraded (decisions
     # by the staleness policy, usage to the spool, Kafka retried in the background), or, with
     # strict_start (or no spool_dir), raises KafkaUnavailableError as the only way to start.
@@ -127,6 +131,7 @@ class ProducerSettings(DeploymentSettings):
     max_lag_events: int | None = Field(ProducerConfig.max_lag_events, ge=1, validation_alias="TOKENGUARD_MAX_LAG_EVENTS")
     max_lag_s: float | None = Field(ProducerConfig.max_lag_s, gt=0, validation_alias="TOKENGUARD_MAX_LAG_S")
     lag_policy: StalePolicy = Field(ProducerConfig.lag_policy, validation_alias="TOKENGUARD_LAG_POLICY")
+    journal: bool = Field(ProducerConfig.journal, validation_alias="TOKENGUARD_JOURNAL")
     start_timeout_s: float = Field(ProducerConfig.start_timeout_s, gt=0, le=3600, validation_alias="TOKENGUARD_START_TIMEOUT_S")
     strict_start: bool = Field(ProducerConfig.strict_start, validation_alias="TOKENGUARD_STRICT_START")
 
@@ -156,5 +161,6 @@ class ProducerSettings(DeploymentSettings):
             spool_full_policy=self.spool_full_policy, stale_after_s=self.stale_after_s,
             stale_policy=self.stale_policy, max_clock_skew_s=self.max_clock_skew_s,
             max_lag_events=self.max_lag_events, max_lag_s=self.max_lag_s, lag_policy=self.lag_policy,
+            journal=self.journal,
             start_timeout_s=self.start_timeout_s, strict_start=self.strict_start,
         )

@@ -27,6 +27,7 @@ from aiokafka.errors import KafkaError
 from producer.config import ProducerConfig
 from producer.errors import InvalidCallError, KafkaUnavailableError, TopicSetupError, UsageSpoolFullError
 from producer.inflight import Reservation
+from producer.journal import Journal
 from producer.lag import AckedOffsets, Behind
 from producer.limits_feed import LimitsFeed, LimitsTable
 from producer.notices_feed import NoticesFeed
@@ -36,7 +37,7 @@ from producer.snapshot import STALE_REASON, QuotaSnapshot, judge_stale
 from producer.store import CallUsage, Decision, LimitSource, draft_of
 from producer.tenancy import call_attributes
 from producer.validation import MAX_ATTRIBUTES, check_attributes, check_call_keys, fit_usage
-from schemas.wire import UsageDraft, UsageLike
+from schemas.wire import UsageDraft, UsageLike, encode_usage
 from transport.admin import ensure_topics, topic_partitions
 from transport.errors import TopicMismatchError
 
@@ -100,6 +101,9 @@ class KafkaQuotaStore:
         self._sequence = itertools.count()
         self._stale_partitions: set[int] = set()
         self._recorded = 0
+        # Every event on disk before its call returns (``producer.journal``), when there is a spool.
+        self._journal = Journal(config.spool_dir) if config.journal and config.spool_dir is not None else None
+        self._journal_base = 0
         self.stats = StoreStats()
         self._degraded_since: float | None = None  # monotonic; None: not degraded
         self._reconnect: asyncio.Task[None] | None = None
@@ -124,6 +128,18 @@ class KafkaQuotaStore:
         cannot use: ``TopicSetupError``, degraded or not."""
         if self._started:
             return
+        if self._journal is not None:
+            self._journal.open()
+            self._journal_base = self.publisher.stats.published
+        try:
+            await self._start_parts()
+        except BaseException:
+            if self._journal is not None:
+                self._journal.close(settled=0)  # nothing recorded yet: it goes
+            raise
+        self._started = True
+
+    async def _start_parts(self) -> None:
         try:
             await self._connect(within=self.config.start_timeout_s)
         except TopicMismatchError as exc:
@@ -141,7 +157,6 @@ class KafkaQuotaStore:
         except BaseException:
             await self._close_parts()
             raise
-        self._started = True
 
     async def _connect(self, *, within: float) -> None:
         """Kafka's part of starting, in order: topics checked (created when missing), the feeds
@@ -215,6 +230,8 @@ class KafkaQuotaStore:
             self.stats.degraded_s += time.monotonic() - self._degraded_since
             self._degraded_since = None
         await self.publisher.stop()
+        if self._journal is not None:
+            self._journal.close(settled=self.publisher.settled - self._journal_base)
         await self.feed.stop()
         await self.limits.stop()
 
@@ -320,6 +337,10 @@ class KafkaQuotaStore:
         attributes = self._attributes_now()
         draft = self.draft(usage, attributes)
         self.publisher.publish(draft)
+        journal = self._journal
+        if journal is not None and self._started:
+            journal.append(encode_usage(draft))
+            journal.release(self.publisher.settled - self._journal_base)
         tenant_id = usage.tenant_id
         self.snapshot.add_local(tenant_id, usage.period_key, usage.total_tokens)
         self._recorded += 1

@@ -206,6 +206,13 @@ class UsagePublisher:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
+    @property
+    def settled(self) -> int:
+        """How many of the events published so far are acknowledged by Kafka or in the spool:
+        exactly the first ``settled`` of them, since the queue is FIFO and one batch is in flight
+        at a time (``producer.journal`` deletes what they fill)."""
+        return self.stats.published - len(self._queue) - len(self._in_flight)
+
     def publish(self, event: UsageLike) -> None:
         """Queue one event for delivery. Constant time; never awaits."""
         if not self._accepting:

@@ -35,6 +35,9 @@ class CliSettings(AggregatorSettings):
     """The aggregator's settings and the command line's own, read and validated together."""
 
     connect_timeout_s: float = Field(10.0, gt=0, le=600, validation_alias="TOKENGUARD_CONNECT_TIMEOUT_S")
+    # ``tokenguard aggregator`` started before Kafka answers: wait for it (AggregatorService.start
+    # retries with backoff) instead of exiting 3 ("unreachable") as every other command does.
+    wait_for_kafka: bool = Field(False, validation_alias="TOKENGUARD_WAIT_FOR_KAFKA")
     log_level: LogLevel | None = Field(None, validation_alias="TOKENGUARD_LOG_LEVEL")
     log_format: LogFormat = Field("text", validation_alias="TOKENGUARD_LOG_FORMAT")
     verify_wait_s: float = Field(60.0, ge=0, le=86_400, validation_alias="TOKENGUARD_VERIFY_WAIT_S")

@@ -44,7 +44,7 @@ def big_draft(size: int) -> UsageDraft:
         input_tokens=None, output_tokens=None, total_tokens=1, cache_creation_input_tokens=None,
         cache_read_input_tokens=None, reasoning_output_tokens=None, quota_tokens=10**9,
         event_time=datetime(2026, 4, 14, tzinfo=UTC), streaming=False, estimated=False, instance_id="test",
-        attributes={"pad": "x" * size},
+        attributes={"pad": "x" * size}, trace_id=None, span_id=None,
     )
 
 
