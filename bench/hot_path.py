@@ -7,7 +7,8 @@ at a time, alternating variants within each round so drift hits all alike:
 - ``seed``: the seed's TokenGuardMiddleware with its InMemoryQuotaStore and an on_usage callback;
 - ``ours``: ours in Kafka mode, the publisher and the notices feed running against the broker
   (the background publishing runs on the same event loop, so its cost is counted too);
-- ``ours_nospool``: the same without an on-disk spool configured.
+- ``ours_nojournal``: the same with the spool but without the write-ahead journal (``journal=False``);
+- ``ours_nospool``: the same without an on-disk spool configured (so no journal either).
 
 The middleware's own cost is the variant's median minus noop's; ``ratio_vs_seed`` compares ours
 with the seed's. Needs the seed package: ``pip install --no-deps azureaicommunity-agent-token-guard==0.1.0``
@@ -83,14 +84,16 @@ async def main(rounds: int, calls: int) -> None:
         layout = fresh_layout("hotpath")
         await ensure_topics(connection, layout)
         base = ProducerConfig(connection=connection, topics=layout, instance_id="bench", spool_dir=Path(spool_root))
-        async with KafkaQuotaStore(base) as with_spool, KafkaQuotaStore(replace(base, spool_dir=None)) as without:
+        async with KafkaQuotaStore(base) as with_spool, KafkaQuotaStore(replace(base, spool_dir=None)) as without, \
+                KafkaQuotaStore(replace(base, journal=False, instance_id="bench-nj")) as no_journal:
             variants: dict[str, Any] = {
                 "noop": NoOp(),
                 "seed": SeedMiddleware(on_usage=on_usage, quota_store=SeedStore(), quota_tokens=10**15),
                 "ours": TokenGuardMiddleware(quota_store=with_spool, quota_tokens=10**15, on_usage=on_usage),
+                "ours_nojournal": TokenGuardMiddleware(quota_store=no_journal, quota_tokens=10**15, on_usage=on_usage),
                 "ours_nospool": TokenGuardMiddleware(quota_store=without, quota_tokens=10**15, on_usage=on_usage),
             }
-            stores = {"ours": with_spool, "ours_nospool": without}
+            stores = {"ours": with_spool, "ours_nojournal": no_journal, "ours_nospool": without}
             agent = Agent(YieldingClient(reply_words=40))
             for name, middleware in variants.items():  # warm up every path once
                 await time_calls(agent, middleware, 200, stores.get(name))
@@ -110,7 +113,8 @@ async def main(rounds: int, calls: int) -> None:
                 print(f"round {round_ + 1}: " + ", ".join(f"{n} {per_round[n][-1]:.1f} us" for n in names))
             await with_spool.publisher.flush(timeout=60)
             await without.publisher.flush(timeout=60)
-            published = with_spool.publisher.stats.published + without.publisher.stats.published
+            await no_journal.publisher.flush(timeout=60)
+            published = sum(store.publisher.stats.published for store in stores.values())
     med = {name: median(values) for name, values in per_round.items()}
     amo = {name: median(values) for name, values in amortized.items()}
     own = {name: med[name] - med["noop"] for name in names if name != "noop"}
@@ -128,7 +132,10 @@ async def main(rounds: int, calls: int) -> None:
           f"{published:,} usage events delivered to Kafka during the run")
     emit({
         "rounds": rounds, "calls_per_round": calls, "noop_us": round(med["noop"], 2), "seed_us": round(med["seed"], 2),
-        "ours_us": round(med["ours"], 2), "ours_nospool_us": round(med["ours_nospool"], 2),
+        "ours_us": round(med["ours"], 2), "ours_nojournal_us": round(med["ours_nojournal"], 2),
+        "ours_nospool_us": round(med["ours_nospool"], 2),
+        "journal_cost_us": round(own["ours"] - own["ours_nojournal"], 2),
+        "journal_cost_amortized_us": round(own_amo["ours"] - own_amo["ours_nojournal"], 2),
         "ratio_vs_seed": round(ratio, 3), "ratio_vs_seed_amortized": round(ratio_amortized, 3), "p99_us": round(p99, 2),
     })
 
