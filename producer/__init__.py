@@ -6,7 +6,14 @@ The seed's names (``TokenGuardMiddleware``, ``QuotaStore``, ``InMemoryQuotaStore
 """
 
 from producer.config import KafkaConnection, ProducerConfig
-from producer.errors import InvalidCallError, PublisherError, QuotaExceededError, TokenGuardError
+from producer.errors import (
+    InvalidCallError,
+    KafkaUnavailableError,
+    PublisherError,
+    QuotaExceededError,
+    TokenGuardError,
+    WaitTimeoutError,
+)
 from producer.kafka_store import KafkaQuotaStore
 from producer.middleware import TokenGuardMiddleware
 from producer.periods import day_key, month_key, seed_week_key, week_key
@@ -23,6 +30,7 @@ __all__ = [
     "InvalidCallError",
     "KafkaConnection",
     "KafkaQuotaStore",
+    "KafkaUnavailableError",
     "ProducerConfig",
     "PublisherError",
     "QuotaBackend",
@@ -34,6 +42,7 @@ __all__ = [
     "TopicMismatchError",
     "UsageCallback",
     "UsagePublisher",
+    "WaitTimeoutError",
     "day_key",
     "default_user_id_getter",
     "ensure_topics",

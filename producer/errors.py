@@ -100,3 +100,8 @@ class KafkaUnavailableError(TokenGuardError, ConnectionError):
 class TopicSetupError(TokenGuardError, TopicMismatchError):
     """Kafka answered but its topics cannot be used as configured (cleanup policy, partitions). A
     ``TopicMismatchError`` too, so existing handlers keep working."""
+
+
+class WaitTimeoutError(TokenGuardError, TimeoutError):
+    """A wait the caller asked for did not end in time: ``UsagePublisher.flush`` (events not yet
+    acknowledged), a feed's ``wait_until``. A ``TimeoutError`` too, as before."""

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from aiokafka.structs import ConsumerRecord
 
 from producer.config import ProducerConfig
+from producer.errors import WaitTimeoutError
 from schemas.errors import DecodeError
 from schemas.periods import period_kind
 from schemas.rulebook import RuleBook
@@ -130,7 +131,10 @@ class LimitsFeed:
 
     async def wait_until(self, predicate: Callable[[LimitsTable], bool], timeout: float) -> None:
         """Wait until ``predicate(table)`` holds, re-checking after every batch of records."""
-        await self._follower.wait_until(lambda: predicate(self.table), timeout)
+        try:
+            await self._follower.wait_until(lambda: predicate(self.table), timeout)
+        except TimeoutError:
+            raise WaitTimeoutError(f"the limits topic did not reach the awaited state within {timeout}s") from None
 
     async def _take(self, records: list[ConsumerRecord]) -> None:
         table, rules = self.table, self.rules

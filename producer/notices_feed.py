@@ -29,6 +29,7 @@ from collections.abc import Callable
 from aiokafka.structs import ConsumerRecord
 
 from producer.config import ProducerConfig
+from producer.errors import WaitTimeoutError
 from producer.snapshot import QuotaSnapshot, from_the_future, within_end
 from schemas.errors import DecodeError
 from schemas.notices import Heartbeat, QuotaNotice
@@ -122,7 +123,10 @@ class NoticesFeed:
 
     async def wait_until(self, predicate: Callable[[QuotaSnapshot], bool], timeout: float) -> None:
         """Wait until ``predicate(snapshot)`` holds, re-checking after every batch of notices."""
-        await self._follower.wait_until(lambda: predicate(self._snapshot), timeout)
+        try:
+            await self._follower.wait_until(lambda: predicate(self._snapshot), timeout)
+        except TimeoutError:
+            raise WaitTimeoutError(f"the notices did not reach the awaited state within {timeout}s") from None
 
     async def _take(self, records: list[ConsumerRecord]) -> None:
         snapshot = self._snapshot

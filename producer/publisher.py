@@ -29,7 +29,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from producer.config import ProducerConfig
-from producer.errors import PublisherError
+from producer.errors import PublisherError, WaitTimeoutError
 from producer.sending import close_within, new_producer, send_batches
 from producer.spool import Spool
 from producer.spool_policy import NoSpool, SpoolPolicy
@@ -236,7 +236,7 @@ class UsagePublisher:
                     self._acked.clear()
                     await self._acked.wait()
         except TimeoutError:
-            raise TimeoutError(f"{target - self.stats.delivered} usage events not delivered within {timeout}s") from None
+            raise WaitTimeoutError(f"{target - self.stats.delivered} usage events not delivered within {timeout}s") from None
 
     async def _run(self) -> None:
         backoff = 0.1
