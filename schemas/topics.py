@@ -134,3 +134,17 @@ class TopicLayout:
             TopicSpec(self.dead_letters, 1, dict(durable)),
             TopicSpec(self.sealed, self.partitions, dict(compact)),
         ]
+
+
+def timestamp_warning(topic: str, configs: Mapping[str, str], *, bootstrap: str = "<servers>") -> str | None:
+    """One line when the usage topic keeps its producers' timestamps: sealing decides by record
+    timestamps (``schemas.sealed``), and only the broker's own (``LogAppendTime``, what this
+    software creates the topic with) are monotonic per partition and out of every client's hands.
+    A topic created before that keeps ``CreateTime`` until altered."""
+    if configs.get("message.timestamp.type", "CreateTime") == "LogAppendTime":
+        return None
+    return (f"topic {topic!r} keeps its producers' timestamps (message.timestamp.type=CreateTime): periods seal by "
+            f"record timestamps, so a producer's clock can move an event across a seal, and after an aggregator "
+            f"restart an event of a sealed period stamped before its seal reopens it; use the broker's clock: "
+            f"kafka-configs --bootstrap-server {bootstrap} --alter --entity-type topics --entity-name {topic} "
+            f"--add-config message.timestamp.type=LogAppendTime")

@@ -11,7 +11,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 
-from schemas.topics import TopicLayout, retention_bytes_warning, retention_problem
+from schemas.topics import TopicLayout, retention_bytes_warning, retention_problem, timestamp_warning
 from transport.connection import KafkaConnection
 from transport.errors import TopicMismatchError
 
@@ -134,7 +134,9 @@ async def retention_findings(
     configs = await topic_config(connection, topic)
     problem = retention_problem(topic, configs, longest_period_s=longest_period_s, seal_grace_s=seal_grace_s,
                                 bootstrap=connection.bootstrap_servers)
-    return problem, retention_bytes_warning(topic, configs)
+    warnings = [retention_bytes_warning(topic, configs),
+                timestamp_warning(topic, configs, bootstrap=connection.bootstrap_servers)]
+    return problem, "; ".join(w for w in warnings if w) or None
 
 
 async def reached(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> bool:

@@ -95,3 +95,13 @@ def test_the_retention_error_is_an_aggregator_error_so_the_cli_exits_1_with_its_
 
     assert issubclass(RetentionError, AggregatorError)
     assert exit_code(RetentionError("topic 'x' keeps"), KafkaConnection()) == (EXIT_PROBLEM, "topic 'x' keeps")
+
+
+def test_a_usage_topic_on_producer_timestamps_is_warned_about() -> None:
+    from schemas.topics import timestamp_warning
+
+    assert timestamp_warning("t.usage", {"message.timestamp.type": "LogAppendTime"}) is None
+    for configs in ({"message.timestamp.type": "CreateTime"}, {}):
+        line = timestamp_warning("t.usage", configs, bootstrap="k:9092")
+        assert line is not None and "\n" not in line
+        assert "--add-config message.timestamp.type=LogAppendTime" in line and "k:9092" in line
