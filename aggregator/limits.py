@@ -108,17 +108,8 @@ def apply_policy(limits: Limits, change: PolicyRecord) -> str | None:
         else:
             limits.set(change.limit)
         return change.tenant_id
-    if isinstance(change, RuleRecord):
-        if change.rule is None:
-            limits.rules.delete(change.tenant_id, change.name)
-        else:
-            limits.rules.set(change.rule)
-        return change.tenant_id
-    if change.price is None:
-        limits.rules.prices.delete(change.model, change.effective_from)
-    else:
-        limits.rules.prices.set(change.price)
-    return None
+    limits.rules.take(change)
+    return change.tenant_id if isinstance(change, RuleRecord) else None
 
 
 async def load_policies(connection: KafkaConnection, topic: str, limits: Limits | None = None) -> Limits:

@@ -26,7 +26,7 @@ from producer.errors import WaitTimeoutError
 from schemas.errors import DecodeError
 from schemas.periods import period_kind
 from schemas.rulebook import RuleBook
-from schemas.rules import LimitRecord, RuleRecord, TenantLimit, applicable, read_policy_record
+from schemas.rules import LimitRecord, TenantLimit, applicable, read_policy_record
 from transport.follower import TopicFollower
 
 log = logging.getLogger(__name__)
@@ -149,12 +149,5 @@ class LimitsFeed:
                     table.delete(change.tenant_id)
                 else:
                     table.set(change.tenant_id, TenantLimit.of(change.limit))
-            elif isinstance(change, RuleRecord):
-                if change.rule is None:
-                    rules.delete(change.tenant_id, change.name)
-                else:
-                    rules.set(change.rule)
-            elif change.price is None:
-                rules.prices.delete(change.model, change.effective_from)
             else:
-                rules.prices.set(change.price)
+                rules.take(change)

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from schemas.policy import QuotaRule, counter_key
 from schemas.prices import UNPRICED, PriceTable
+from schemas.rules import PriceRecord, RuleRecord
 from schemas.windows import WindowSpec
 
 
@@ -176,6 +177,19 @@ class RuleBook:
             others = tuple(r for r in self.per_tenant.get(rule.tenant_id, ()) if r.name != rule.name)
             self.per_tenant[rule.tenant_id] = (*others, compiled)
         return compiled
+
+    def take(self, change: RuleRecord | PriceRecord) -> None:
+        """Apply one rule or price record of the limits topic (a tombstone deletes): what both
+        sides' limits feeds do with them."""
+        if isinstance(change, RuleRecord):
+            if change.rule is None:
+                self.delete(change.tenant_id, change.name)
+            else:
+                self.set(change.rule)
+        elif change.price is None:
+            self.prices.delete(change.model, change.effective_from)
+        else:
+            self.prices.set(change.price)
 
     def delete(self, tenant_id: str | None, name: str) -> None:
         if tenant_id is None:
