@@ -1,10 +1,18 @@
-"""Events per second through the pipeline: the publisher, one aggregator process, two.
+"""Events per second through the pipeline: the publisher, the consumer's own ceiling, one
+aggregator process, two.
 
 1. publish: one process queues N usage events with ``UsagePublisher.publish`` (the middleware's
    hot path) and waits until the broker has acknowledged all of them.
-2. aggregate: ``python -m aggregator`` processes (1, then 2, each time a new consumer group over
+2. ceiling: a group-less consumer with the aggregator's client settings (same fetch sizes, same
+   ``getmany`` batch bound) reads the N records; ``getmany`` alone, then decoding each value as
+   the aggregator does (``aggregator.intake.accept``). What this machine and client can deliver:
+   the aggregator's figure is reported as a ratio to the second.
+3. aggregate: ``python -m aggregator`` processes (1, then 2, each time a new consumer group over
    the same topic) consume the N events: validate, aggregate, changelog, commit. Timed from the
    group's first commit to the moment its lag reaches 0, so process start-up is not counted.
+   The processes' CPU time over that span (``/proc/<pid>/stat``) gives CPU microseconds per event:
+   two processes on two cores shared with the broker cannot show scale-out in events/s, but CPU
+   per event says whether a second member costs anything beyond the work it takes over.
 
     python bench/pipeline.py            # 400,000 events, 3 rounds
     python bench/pipeline.py --quick    # 100,000 events, 1 round
@@ -21,11 +29,16 @@ import sys
 import time
 from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 from _common import REPO, broker, emit, fresh_layout, median
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from aggregator.config import AggregatorConfig
+from aggregator.intake import accept
 from aggregator.verify import end_offsets
 from producer import KafkaConnection, ProducerConfig, UsagePublisher, ensure_topics
+from schemas.errors import DecodeError
 from schemas.topics import TopicLayout
 from schemas.wire import UsageDraft
 from transport.admin import committed_offsets
@@ -41,6 +54,7 @@ def make_events(count: int, tenants: int = 10_000) -> list[UsageDraft]:
             period_key="2026-11", model="m", input_tokens=40, output_tokens=60, total_tokens=100,
             cache_creation_input_tokens=None, cache_read_input_tokens=None, reasoning_output_tokens=None,
             quota_tokens=10**9, event_time=now, streaming=False, estimated=False, instance_id="bench", attributes={},
+            trace_id=None, span_id=None,
         )
         for i in range(count)
     ]
@@ -57,7 +71,48 @@ async def publish(config: ProducerConfig, events: list[UsageDraft]) -> float:
         return len(events) / (time.perf_counter() - started)
 
 
-async def aggregate(connection: KafkaConnection, layout: TopicLayout, processes: int, group: str) -> float:
+async def ceiling(connection: KafkaConnection, layout: TopicLayout, decode: bool) -> float:
+    """Events/s a bare consumer reaches on this topic with the aggregator's client settings (see
+    ``aggregator.service``), timed from the first record to the last, so connecting is not counted."""
+    defaults = AggregatorConfig(connection=connection, topics=layout)
+    ends = await end_offsets(connection, layout.usage)
+    total = sum(ends.values())
+    consumer = AIOKafkaConsumer(
+        **connection.client_kwargs(), group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
+        fetch_max_wait_ms=min(defaults.batch_window_ms, 100), max_partition_fetch_bytes=4 * 1024 * 1024,
+    )
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(layout.usage, p) for p in ends])
+        await consumer.seek_to_beginning()
+        seen = bad = 0
+        started = None
+        while seen < total:
+            batches = await consumer.getmany(timeout_ms=1000, max_records=defaults.batch_max)
+            if started is None and batches:
+                started = time.perf_counter()
+            for records in batches.values():
+                seen += len(records)
+                if decode:
+                    for record in records:
+                        try:
+                            accept(record, layout.partitions)
+                        except DecodeError:
+                            bad += 1
+        assert started is not None and bad == 0, f"{bad} records did not decode"
+        return total / (time.perf_counter() - started)
+    finally:
+        await consumer.stop()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def aggregate(connection: KafkaConnection, layout: TopicLayout, processes: int, group: str) -> tuple[float, float]:
+    """(events/s, CPU microseconds per event summed over the group's processes)."""
     ends = await end_offsets(connection, layout.usage)
     total = sum(ends.values())
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -86,11 +141,14 @@ async def aggregate(connection: KafkaConnection, layout: TopicLayout, processes:
             now = time.perf_counter()
             if first_commit_at is None and done > 0:
                 first_commit_at, done_at_first = now, done
+                cpu_at_first = sum(cpu_seconds(child.pid) for child in children)
             if done >= total:
+                cpu = sum(cpu_seconds(child.pid) for child in children) - cpu_at_first
                 break
             await asyncio.sleep(0.05)
         assert first_commit_at is not None
-        return (total - done_at_first) / max(now - first_commit_at, 1e-9)
+        processed = total - done_at_first
+        return processed / max(now - first_commit_at, 1e-9), cpu * 1e6 / max(processed, 1)
     finally:
         for child in children:
             child.send_signal(signal.SIGTERM)
@@ -109,33 +167,45 @@ async def main(count: int, rounds: int) -> None:
     with broker() as bootstrap:
         connection = KafkaConnection(bootstrap_servers=bootstrap)
         events = make_events(count)
-        results: dict[str, list[float]] = {"publish": [], "aggregate_1": [], "aggregate_2": []}
+        names = ("publish", "getmany", "ceiling", "aggregate_1", "aggregate_2", "cpu_1", "cpu_2")
+        results: dict[str, list[float]] = {name: [] for name in names}
         for round_ in range(rounds):
             layout = fresh_layout(f"pipeline{round_}")
             await ensure_topics(connection, layout)
             config = replace(ProducerConfig(connection=connection, topics=layout), instance_id="bench")
             results["publish"].append(await publish(config, events))
+            results["getmany"].append(await ceiling(connection, layout, decode=False))
+            results["ceiling"].append(await ceiling(connection, layout, decode=True))
             # The two group sizes alternate in order between rounds, so drift hits both alike.
             order = (1, 2) if round_ % 2 == 0 else (2, 1)
             for processes in order:
-                eps = await aggregate(connection, layout, processes, f"{layout.prefix}g{processes}")
+                eps, cpu = await aggregate(connection, layout, processes, f"{layout.prefix}g{processes}")
                 results[f"aggregate_{processes}"].append(eps)
+                results[f"cpu_{processes}"].append(cpu)
             print(
-                f"round {round_ + 1}: publish {results['publish'][-1]:,.0f}/s, 1 aggregator "
-                f"{results['aggregate_1'][-1]:,.0f}/s, 2 aggregators {results['aggregate_2'][-1]:,.0f}/s"
+                f"round {round_ + 1}: publish {results['publish'][-1]:,.0f}/s, getmany {results['getmany'][-1]:,.0f}/s, "
+                f"getmany+decode {results['ceiling'][-1]:,.0f}/s, 1 aggregator {results['aggregate_1'][-1]:,.0f}/s "
+                f"({results['cpu_1'][-1]:.1f} us CPU an event), 2 aggregators {results['aggregate_2'][-1]:,.0f}/s "
+                f"({results['cpu_2'][-1]:.1f} us)", flush=True,
             )
         figures = {k: median(v) for k, v in results.items()}
-        scaling = figures["aggregate_2"] / figures["aggregate_1"]
+        ratio = figures["aggregate_1"] / figures["ceiling"]
+        cpu_ratio = figures["cpu_2"] / figures["cpu_1"]
         print(
-            f"\n| events | rounds | publish eps | 1 aggregator eps | 2 aggregators eps | scaling |\n"
-            f"|---|---|---|---|---|---|\n| {count:,} | {rounds} | {figures['publish']:,.0f} | "
-            f"{figures['aggregate_1']:,.0f} | {figures['aggregate_2']:,.0f} | {scaling:.2f} |"
+            "\n| events | rounds | publish eps | getmany eps | consumer ceiling eps | 1 aggregator eps | ratio to ceiling "
+            "| 2 aggregators eps | CPU us/event 1 | CPU us/event 2 | CPU 2/1 |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+            f"| {count:,} | {rounds} | {figures['publish']:,.0f} | {figures['getmany']:,.0f} | {figures['ceiling']:,.0f} | "
+            f"{figures['aggregate_1']:,.0f} | {ratio:.2f} | {figures['aggregate_2']:,.0f} | {figures['cpu_1']:.1f} | "
+            f"{figures['cpu_2']:.1f} | {cpu_ratio:.2f} |"
         )
         print(f"(this machine has {os.cpu_count()} cores; the broker runs on the same machine)")
         emit({
             "events": count, "rounds": rounds, "publish_eps": round(figures["publish"]),
+            "getmany_eps": round(figures["getmany"]), "consumer_ceiling_eps": round(figures["ceiling"]),
             "aggregate_eps_1": round(figures["aggregate_1"]), "aggregate_eps_2": round(figures["aggregate_2"]),
-            "scaling_2": round(scaling, 2),
+            "ratio_to_ceiling": round(ratio, 2), "scaling_2": round(figures["aggregate_2"] / figures["aggregate_1"], 2),
+            "cpu_us_per_event_1": round(figures["cpu_1"], 2), "cpu_us_per_event_2": round(figures["cpu_2"], 2),
+            "cpu_ratio_2_to_1": round(cpu_ratio, 2),
         })
 
 
