@@ -8,12 +8,14 @@ import contextlib
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
 sys.path.insert(0, str(REPO))
 
 import localkafka  # noqa: E402
@@ -45,6 +47,28 @@ def median(values: list[float]) -> float:
 def emit(figures: dict[str, object]) -> None:
     """The last line of every benchmark: one JSON object."""
     print(json.dumps(figures), flush=True)
+
+
+def head_commit() -> str:
+    """The commit measured (the shared working tree may differ from it: the figures say which)."""
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False)
+    return done.stdout.strip() or "unknown"
+
+
+def result_path(name: str, suffix: str = ".json") -> Path:
+    """Where a bench's file goes: bench/results/<name><suffix>, plots beside the JSON."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    return RESULTS / f"{name}{suffix}"
+
+
+def save_results(name: str, figures: dict[str, object]) -> Path:
+    """bench/results/<name>.json: the run's figures with the bench's name, the commit and the time,
+    so a README figure can be traced to the run that produced it."""
+    record = {"bench": name, "commit": head_commit(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              **figures}
+    path = result_path(name)
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return path
 
 
 class Fleet:
