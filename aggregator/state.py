@@ -20,6 +20,7 @@ from aggregator.intake import fingerprint, identity
 from aggregator.sealing import Sealer
 from schemas.limits import QuotaLimit
 from schemas.notices import QuotaState
+from schemas.periods import period_kind
 from schemas.policy import COUNTER_PREFIX, parse_counter_key
 from schemas.rulebook import CompiledRule, RuleBook
 from schemas.rules import applicable
@@ -83,6 +84,16 @@ class Limits:
         self.per_tenant: dict[str, QuotaLimit] = {}
         self.topic_default: QuotaLimit | None = None
         self.rules = RuleBook()
+        self._kinds: dict[str, str | None] = {}
+
+    def _kind(self, period_key: str) -> str | None:
+        """``period_kind``, remembered: a handful of period keys recur in every event."""
+        kinds = self._kinds
+        if period_key not in kinds:
+            if len(kinds) >= 10_000:
+                kinds.clear()
+            kinds[period_key] = period_kind(period_key)
+        return kinds[period_key]
 
     def set(self, limit: QuotaLimit) -> None:
         if limit.tenant_id is None:
@@ -114,7 +125,8 @@ class Limits:
             if quota_rule is None:
                 return None
             return quota_rule.limit, quota_rule.thresholds[0] if quota_rule.thresholds else 1.0
-        record = applicable(self.per_tenant.get(tenant_id), self.topic_default, period_key)
+        own, default = self.per_tenant.get(tenant_id), self.topic_default
+        record = None if own is None and default is None else applicable(own, default, period_key, kind=self._kind(period_key))
         if record is not None:
             return record.limit_tokens, record.warning_ratio or self.warning_ratio
         if self.default_limit is not None:
@@ -176,30 +188,35 @@ class TotalsState:
         event came after its period sealed (then it is an adjustment, not added to the period).
 
         Each key has its own replay guard: after a crash between two changelog writes, a record
-        may be in one key's restored totals and not in another's; it is added where it is not."""
-        window = self._window(partition)
-        self.mark_position(partition, offset)
+        may be in one key's restored totals and not in another's; it is added where it is not.
+
+        Called once per usage record: the common case (no rule for the tenant) allocates nothing
+        but the dedup entry and, for a new key, its totals."""
+        if offset > self.partition_offsets.get(partition, -1):
+            self.partition_offsets[partition] = offset
         tenant_id = event.tenant_id
+        period_key = event.period_key
         sealer = self.sealer
         late = False
         if sealer is not None:
             if appended_at is not None:
                 sealer.observe(partition, appended_at)
-            late = sealer.is_late(partition, event.period_key, appended_at)
-        counted: list[tuple[Key, int, CompiledRule | None]] = (
-            [] if late else [((tenant_id, event.period_key), event.total_tokens, None)])
+            late = sealer.is_late(partition, period_key, appended_at)
+        all_totals = self.totals
+        key = (tenant_id, period_key)
+        held = None if late else all_totals.get(key)
+        period_fresh = not late and (held is None or offset > held.applied_offset)
         rules = self.limits.rules
+        fresh_rules: list[tuple[Key, int, CompiledRule, Totals | None]] = []
         if rules.defaults or tenant_id in rules.per_tenant:
             for matched, counter, amount in rules.counted(tenant_id, event, event.attributes, event.event_time):
-                counted.append(((tenant_id, counter), amount, matched))
-        all_totals = self.totals
-        fresh = []
-        for key, amount, rule in counted:
-            held = all_totals.get(key)
-            if held is None or offset > held.applied_offset:
-                fresh.append((key, amount, rule, held))
+                counter_key = (tenant_id, counter)
+                counter_totals = all_totals.get(counter_key)
+                if counter_totals is None or offset > counter_totals.applied_offset:
+                    fresh_rules.append((counter_key, amount, matched, counter_totals))
+        window = self._window(partition)
         who, content = identity(event), fingerprint(event)
-        if not fresh and not late:
+        if not (period_fresh or fresh_rules or late):
             window.add(who, content)
             return Outcome.REPLAY
         seen = window.fingerprint(who)
@@ -208,22 +225,26 @@ class TotalsState:
         window.add(who, content)
         if late:  # recorded again if re-read after a crash: its record's key makes that harmless
             self._adjustments.append((partition, offset, event, appended_at or 0.0))
-        for key, amount, rule, totals in fresh:
-            if totals is None:
-                totals = all_totals[key] = Totals(partition=partition, first_offset=offset)
-                if rule is not None:
-                    self._index_counter(key)
-                elif sealer is not None:
+        elif period_fresh:
+            if held is None:
+                held = all_totals[key] = Totals(partition=partition, first_offset=offset)
+                if sealer is not None:
                     sealer.track(partition, key)
-            totals.used += amount
-            totals.events += 1
-            totals.applied_offset = offset
+            held.used += event.total_tokens
+            held.events += 1
+            held.applied_offset = offset
             self._dirty.add(key)
-            if rule is None:
-                totals.event_quota = lowest_quota(totals.event_quota, event.quota_tokens)
-                self._evaluate(key, totals, "state_changed")
-            else:
-                self._judge_rule(key, totals, rule, "state_changed")
+            held.event_quota = lowest_quota(held.event_quota, event.quota_tokens)
+            self._evaluate_period(key, held, "state_changed")
+        for counter_key, amount, matched, counter_totals in fresh_rules:
+            if counter_totals is None:
+                counter_totals = all_totals[counter_key] = Totals(partition=partition, first_offset=offset)
+                self._index_counter(counter_key)
+            counter_totals.used += amount
+            counter_totals.events += 1
+            counter_totals.applied_offset = offset
+            self._dirty.add(counter_key)
+            self._judge_rule(counter_key, counter_totals, matched, "state_changed")
         return Outcome.ADJUSTMENT if late else Outcome.APPLIED
 
     def seal(self, now: float, caught_up: set[int], margin_s: float = 5.0) -> int:
@@ -294,6 +315,10 @@ class TotalsState:
             if rule is not None:  # else the rule is gone or counts otherwise now: judged as last
                 self._judge_rule(key, totals, rule, reason)
             return
+        self._evaluate_period(key, totals, reason)
+
+    def _evaluate_period(self, key: Key, totals: Totals, reason: str) -> None:
+        """A tenant-period (not a rule counter): judged by its limit and warning ratio."""
         judged = self.limits.rule(key[0], key[1], totals.event_quota)
         assert judged is not None  # a tenant-period always has a limit
         limit, warning_ratio = judged

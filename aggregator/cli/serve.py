@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -24,6 +25,18 @@ def dump_tasks() -> None:
     for task in asyncio.all_tasks():
         print(f"--- {task.get_name()}", file=sys.stderr)
         task.print_stack(file=sys.stderr)
+
+
+def tune_gc() -> None:
+    """The aggregator keeps hundreds of thousands of long-lived objects (totals, dedup windows) and
+    allocates a few per event; with CPython's default thresholds the cyclic collector rescans them
+    every few thousand events (about a fifth of the per-event cost, measured). Its objects are
+    freed by reference counting: fewer, larger young collections, and what exists once the state
+    is restored frozen out of the full ones. A process-wide setting, so the command sets it, not
+    the service (which an application may embed)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 10)
 
 
 async def serve(config: AggregatorConfig) -> int:
@@ -47,6 +60,7 @@ async def serve(config: AggregatorConfig) -> int:
         log.info("aggregator stopped before Kafka answered")
         return EXIT_OK
     starting.result()
+    tune_gc()
     log.info("aggregator %s consuming %s", config.aggregator_id, config.topics.usage)
     runner = asyncio.create_task(service.wait())
     done, _ = await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
