@@ -31,8 +31,9 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from _common import REPO, broker, emit, fresh_layout, median
+from _common import REPO, broker, emit, fresh_layout, median, result_path, save_results
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from plots import plot_throughput
 
 from aggregator.config import AggregatorConfig
 from aggregator.intake import accept
@@ -199,14 +200,19 @@ async def main(count: int, rounds: int) -> None:
             f"{figures['cpu_2']:.1f} | {cpu_ratio:.2f} |"
         )
         print(f"(this machine has {os.cpu_count()} cores; the broker runs on the same machine)")
-        emit({
+        results_name = "pipeline" if count >= 400_000 else "pipeline_quick"
+        final = {
             "events": count, "rounds": rounds, "publish_eps": round(figures["publish"]),
             "getmany_eps": round(figures["getmany"]), "consumer_ceiling_eps": round(figures["ceiling"]),
             "aggregate_eps_1": round(figures["aggregate_1"]), "aggregate_eps_2": round(figures["aggregate_2"]),
             "ratio_to_ceiling": round(ratio, 2), "scaling_2": round(figures["aggregate_2"] / figures["aggregate_1"], 2),
             "cpu_us_per_event_1": round(figures["cpu_1"], 2), "cpu_us_per_event_2": round(figures["cpu_2"], 2),
             "cpu_ratio_2_to_1": round(cpu_ratio, 2),
-        })
+        }
+        save_results(results_name, {**final, "rounds_raw": results})
+        plot_throughput(final, result_path(results_name, ".png"),
+                        title=f"Throughput, {count:,} events, median of {rounds} rounds, one run")
+        emit(final)
 
 
 if __name__ == "__main__":
