@@ -11,7 +11,11 @@ at a time, alternating variants within each round so drift hits all alike:
 - ``ours_nospool``: the same without an on-disk spool configured (so no journal either).
 
 The middleware's own cost is the variant's median minus noop's; ``ratio_vs_seed`` compares ours
-with the seed's. Needs the seed package: ``pip install --no-deps azureaicommunity-agent-token-guard==0.1.0``
+with the seed's. The amortised CPU per call is ``time.process_time`` (every thread of the process,
+user and system time) over each variant's slice of calls, ending after the background publisher
+has delivered everything the slice published (``flush``): the sender's encoding, batching, socket
+writes and acknowledgements on the event loop are counted, waiting for the broker is not. Its own
+part (minus noop's) gives ``cpu_ratio_vs_seed``. Needs the seed package: ``pip install --no-deps azureaicommunity-agent-token-guard==0.1.0``
 (``make bench`` does it).
 
     python bench/hot_path.py            # 9 rounds x 3,000 calls per variant
@@ -137,6 +141,9 @@ async def main(rounds: int, calls: int) -> None:
         "journal_cost_us": round(own["ours"] - own["ours_nojournal"], 2),
         "journal_cost_amortized_us": round(own_amo["ours"] - own_amo["ours_nojournal"], 2),
         "ratio_vs_seed": round(ratio, 3), "ratio_vs_seed_amortized": round(ratio_amortized, 3), "p99_us": round(p99, 2),
+        **{f"cpu_us_per_call_{name}": round(amo[name], 2) for name in names},
+        **{f"own_cpu_us_per_call_{name}": round(own_amo[name], 2) for name in names if name != "noop"},
+        "cpu_ratio_vs_seed": round(ratio_amortized, 3),
     })
 
 

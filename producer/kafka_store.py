@@ -25,6 +25,7 @@ from functools import cached_property
 from aiokafka.errors import KafkaError
 
 from producer.config import ProducerConfig
+from producer.encoding import encode_event
 from producer.errors import InvalidCallError, KafkaUnavailableError, TopicSetupError, UsageSpoolFullError
 from producer.inflight import Reservation
 from producer.journal import Journal
@@ -37,7 +38,7 @@ from producer.snapshot import STALE_REASON, QuotaSnapshot, judge_stale
 from producer.store import CallUsage, Decision, LimitSource, draft_of
 from producer.tenancy import call_attributes
 from producer.validation import MAX_ATTRIBUTES, check_attributes, check_call_keys, fit_usage
-from schemas.wire import UsageDraft, UsageLike, encode_usage
+from schemas.wire import UsageDraft, UsageLike
 from transport.admin import ensure_topics, topic_partitions
 from transport.errors import TopicMismatchError
 
@@ -333,14 +334,23 @@ class KafkaQuotaStore:
         self._valid_keys.add((tenant_id, period_key))
 
     def record(self, usage: CallUsage) -> int:
-        usage = fit_usage(usage)
+        return self.record_fitted(fit_usage(usage))
+
+    def record_fitted(self, usage: CallUsage) -> int:
+        """``record`` for a caller whose counts, model and time are already within the usage
+        schema's bounds (``fit_usage`` would return ``usage`` itself): the middleware's are
+        (``settle_counts``, ``bound_model``), so its calls skip the check."""
         attributes = self._attributes_now()
         draft = self.draft(usage, attributes)
-        self.publisher.publish(draft)
         journal = self._journal
         if journal is not None and self._started:
-            journal.append(encode_usage(draft))
+            # Encoded once: the journal's bytes are the ones the publisher sends.
+            line = encode_event(draft)
+            self.publisher.publish(draft, line)
+            journal.append(line)
             journal.release(self.publisher.settled - self._journal_base)
+        else:
+            self.publisher.publish(draft)
         tenant_id = usage.tenant_id
         self.snapshot.add_local(tenant_id, usage.period_key, usage.total_tokens)
         self._recorded += 1

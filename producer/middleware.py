@@ -145,6 +145,9 @@ class TokenGuardMiddleware(ChatMiddleware):
         self._release_rules: Callable[[tuple[Reservation, ...]], None] | None = getattr(
             self._backend, "release_rules", None)
         self._take_crossed: Callable[[], list[RuleView]] | None = getattr(self._backend, "take_crossed", None)
+        # The middleware's usage is within the schema's bounds already: a store that can skip
+        # checking it again (``KafkaQuotaStore.record_fitted``) is told so.
+        self._record_usage: Callable[[CallUsage], int] = getattr(self._backend, "record_fitted", self._backend.record)
         self._in_flight = InFlight()
         self._warned: set[tuple[str, str]] = set()
         self._valid_keys: set[tuple[str, str]] = set()
@@ -420,7 +423,7 @@ class TokenGuardMiddleware(ChatMiddleware):
             estimated=estimated,
             **trace_fields(),
         )
-        used_after = self._backend.record(usage)
+        used_after = self._record_usage(usage)
         self._release(reservation, holds)
         if estimated:
             self.stats.estimated += 1
@@ -451,7 +454,7 @@ class TokenGuardMiddleware(ChatMiddleware):
         except Exception:
             self._callback_failed(callback)
             return
-        if inspect.isawaitable(result):
+        if result is not None and inspect.isawaitable(result):
             pending.append(result)
 
     async def _await_all(self, pending: list[Awaitable[Any]]) -> None:

@@ -74,6 +74,8 @@ class UsagePublisher:
             else NoSpool()
         )
         self._in_flight: list[UsageLike] = []
+        # Encoded values of queued events given to ``publish``, by event id; what is missing is encoded when sent.
+        self._wire: dict[str, bytes] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._accepting = False
         self._stopping = False
@@ -213,10 +215,17 @@ class UsagePublisher:
         at a time (``producer.journal`` deletes what they fill)."""
         return self.stats.published - len(self._queue) - len(self._in_flight)
 
-    def publish(self, event: UsageLike) -> None:
-        """Queue one event for delivery. Constant time; never awaits."""
+    def publish(self, event: UsageLike, encoded: bytes | None = None) -> None:
+        """Queue one event for delivery. Constant time; never awaits. ``encoded``: the event's
+        ``encode_usage`` bytes when the caller has them already (the store's journal), so the
+        sender does not encode it again."""
         if not self._accepting:
             raise PublisherError("the usage publisher is not running: call start() first")
+        if encoded is not None:
+            wire = self._wire
+            if len(wire) >= self._config.queue_max:  # a cache: events spooled never take theirs out
+                wire.clear()
+            wire[event.event_id] = encoded
         queue = self._queue
         if len(queue) >= self._config.queue_max:
             self.stats.over_queue_max += 1
@@ -308,7 +317,7 @@ class UsagePublisher:
         return failed
 
     async def _send(self, producer: AIOKafkaProducer, events: list[UsageLike], own: set[str] | None) -> list[UsageLike]:
-        acked, failed = await send_batches(producer, self._topic, events, self.partition_of)
+        acked, failed = await send_batches(producer, self._topic, events, self.partition_of, self._wire)
         for partition, base, chunk in acked:
             self._acknowledged(chunk, partition, base, own)
         return failed

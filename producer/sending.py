@@ -12,7 +12,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from producer.config import ProducerConfig
-from schemas.wire import UsageLike, encode_usage, usage_headers, usage_key
+from producer.encoding import encode_event
+from schemas.wire import UsageLike, usage_headers, usage_key
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,14 @@ def new_producer(config: ProducerConfig) -> AIOKafkaProducer:
 
 
 async def send_batches(
-    producer: AIOKafkaProducer, topic: str, events: list[UsageLike], partition_of: Callable[[str], int]
+    producer: AIOKafkaProducer, topic: str, events: list[UsageLike], partition_of: Callable[[str], int],
+    encoded: dict[str, bytes] | None = None,
 ) -> tuple[list[Acked], list[UsageLike]]:
     """Send ``events`` grouped by their tenant's partition; return what was acknowledged and what failed.
 
     A tenant's events keep their order: they share a partition, and its chunks are sent in order.
+    ``encoded``: values already encoded, by event id (taken out as they are used; the others are
+    encoded here).
     """
     by_partition: dict[int, list[UsageLike]] = {}
     for event in events:
@@ -45,7 +49,7 @@ async def send_batches(
     in_flight: list[tuple[asyncio.Future[object], int, list[UsageLike]]] = []
     failed: list[UsageLike] = []
     for partition, items in by_partition.items():
-        for chunk, batch in _batches(producer, items):
+        for chunk, batch in _batches(producer, items, encoded if encoded is not None else {}):
             if batch is None:
                 log.error("usage event %s does not fit in a batch; it stays queued", chunk[0].event_id)
                 failed.extend(chunk)
@@ -68,15 +72,22 @@ async def send_batches(
     return acked, failed
 
 
-def _batches(producer: AIOKafkaProducer, items: list[UsageLike]) -> Iterable[tuple[list[UsageLike], object]]:
+def _batches(
+    producer: AIOKafkaProducer, items: list[UsageLike], encoded: dict[str, bytes]
+) -> Iterable[tuple[list[UsageLike], object]]:
     """Consecutive chunks of ``items`` with a closed batch holding each (None: would not fit)."""
     start = 0
+    take = encoded.pop
     while start < len(items):
         batch = producer.create_batch()
+        append = batch.append
         count = 0
         for event in items[start:]:
-            key, value, headers = usage_key(event.tenant_id), encode_usage(event), usage_headers(event)
-            if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+            value = take(event.event_id, None) if encoded else None
+            if value is None:
+                value = encode_event(event)
+            if append(key=usage_key(event.tenant_id), value=value, timestamp=None, headers=usage_headers(event)) is None:
+                encoded[event.event_id] = value  # the next batch takes it
                 break
             count += 1
         if count == 0:

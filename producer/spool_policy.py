@@ -26,9 +26,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Literal
 
+from producer.encoding import encode_event
 from producer.spool import Spool, SpoolFull
 from schemas.errors import DecodeError
-from schemas.wire import UsageLike, decode_usage, encode_usage
+from schemas.wire import UsageLike, decode_usage
 
 if TYPE_CHECKING:
     from producer.publisher import PublisherStats
@@ -65,7 +66,7 @@ class SpoolPolicy:
         """Write ``events`` to the spool, in order; return those refused (the caller keeps them)."""
         if not events:
             return []
-        lines = [encode_usage(event) for event in events]
+        lines = [encode_event(event) for event in events]
         while True:
             try:
                 self.spool.append(lines)

@@ -274,6 +274,30 @@ def settle_counts(
     Estimates are callables so the common case (good provider counts) pays nothing for them.
     """
     get = details.get
+    inp, out, total = get("input_token_count"), get("output_token_count"), get("total_token_count")
+    limit = MAX_TOKENS_PER_EVENT
+    # The common case, decided in a few comparisons: three provider counts that need no rule
+    # (positive parts, a total at least their sum, within the bound) and no cache or reasoning
+    # count but valid ones. Exactly what the rules below give it (tests/unit/test_settle_counts.py).
+    if (
+        type(inp) is int and type(out) is int and type(total) is int
+        and inp > 0 and out > 0 and inp + out <= total <= limit
+    ):
+        cache_creation = get("cache_creation_input_token_count")
+        cache_read = get("cache_read_input_token_count")
+        reasoning = get("reasoning_output_token_count")
+        if (
+            (cache_creation is None or (type(cache_creation) is int and 0 <= cache_creation <= limit))
+            and (cache_read is None or (type(cache_read) is int and 0 <= cache_read <= limit))
+            and (reasoning is None or (type(reasoning) is int and 0 <= reasoning <= limit))
+        ):
+            return Counts(inp, out, total, cache_creation, cache_read, reasoning, False)
+    return _settle_by_rules(details, input_estimate, output_estimate)
+
+
+def _settle_by_rules(details: Mapping[str, Any], input_estimate: Estimate | None, output_estimate: Estimate | None) -> Counts:
+    """``settle_counts``' rules, one by one, for any usage details."""
+    get = details.get
     inp, bad_in = read_count(get("input_token_count", _MISSING))
     out, bad_out = read_count(get("output_token_count", _MISSING))
     total, bad_total = read_count(get("total_token_count", _MISSING))
