@@ -11,9 +11,11 @@ import operator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+import msgspec
 import orjson
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from schemas import compiled
 from schemas.errors import DecodeError
 from schemas.limits import QuotaLimit
 from schemas.notices import NOTICE_MESSAGE, Heartbeat, QuotaNotice
@@ -114,18 +116,69 @@ def decode_usage(data: bytes | None) -> UsageEvent:
     return _decode(_USAGE, data, "usage")
 
 
-def decode_usage_record(key: bytes | None, value: bytes | None) -> UsageEvent:
+# What the hot readers get: the model's fields as a msgspec Struct (``schemas.compiled``), with the
+# same attribute names and values, decoded in C at a fraction of the model's cost; typed as the
+# model for a type checker. Not a pydantic model: no ``model_*`` methods, and it never equals a
+# model (compare ``msgspec.structs.asdict(struct)`` with ``dict(model)``).
+
+if TYPE_CHECKING:
+    FastUsageEvent = UsageEvent
+    FastTotalsRecord = TotalsRecord
+else:
+    FastUsageEvent = compiled.UsageEventStruct
+    FastTotalsRecord = compiled.TotalsRecordStruct
+
+
+def _fast_usage(data: bytes | None) -> FastUsageEvent:
+    """The compiled decoder's event, or else pydantic's verdict: its error, or its event as a Struct.
+    The compiled decoder accepts only what the model accepts (tests/unit/test_fast_decode.py)."""
+    if data and len(data) <= MAX_RECORD_BYTES:
+        event = compiled.decode_usage(data)
+        if event is not None:
+            return event  # type: ignore[return-value]
+    return compiled.usage_struct(dict(decode_usage(data)))  # type: ignore[return-value]
+
+
+def decode_usage_record(key: bytes | None, value: bytes | None) -> FastUsageEvent:
     """A usage record as the aggregator and the verifier accept it: valid value, and a key that is
-    the event's tenant (else the tenant's events are not in one partition, in order)."""
-    event = decode_usage(value)
+    the event's tenant (else the tenant's events are not in one partition, in order).
+
+    A ``FastUsageEvent``: the aggregator decodes every record, and a pydantic model per record
+    would cap it near 160k events/s on its own."""
+    event = _fast_usage(value)
     if key != event.tenant_id.encode():
         shown = key[:80].decode(errors="replace") if key is not None else None
         raise DecodeError("key_mismatch", f"record key {shown!r} is not the event's tenant id")
     return event
 
 
-def decode_totals(data: bytes | None) -> TotalsRecord:
+def decode_totals(data: bytes | None) -> FastTotalsRecord:
+    """A changelog record as a ``FastTotalsRecord``: a restore decodes one per key, a million at a time.
+    ``decode_totals_model`` gives the pydantic model."""
+    if data and len(data) <= MAX_RECORD_BYTES:
+        record = compiled.decode_totals(data)
+        if record is not None:
+            return record  # type: ignore[return-value]
+    return compiled.totals_struct(dict(decode_totals_model(data)))  # type: ignore[return-value]
+
+
+def decode_totals_model(data: bytes | None) -> TotalsRecord:
     return _decode(_TOTALS, data, "totals")
+
+
+def usage_model(event: FastUsageEvent) -> UsageEvent:
+    """The pydantic model of a decoded event, for the readers that show, compare or re-encode it.
+    Not validated again: the values are the model's own (``decode_usage_record`` proved them)."""
+    if isinstance(event, UsageEvent):
+        return event
+    return UsageEvent.model_construct(**msgspec.structs.asdict(event))
+
+
+def totals_model(record: FastTotalsRecord) -> TotalsRecord:
+    """The pydantic model of a decoded changelog record (see ``usage_model``)."""
+    if isinstance(record, TotalsRecord):
+        return record
+    return TotalsRecord.model_construct(**msgspec.structs.asdict(record))
 
 
 def decode_limit(data: bytes | None) -> QuotaLimit:
