@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from producer.config import ProducerConfig
+from producer.encoding import encode_event
 from producer.errors import PublisherError, WaitTimeoutError
 from producer.sending import close_within, new_producer, send_batches
 from producer.spool import Spool
@@ -317,10 +319,20 @@ class UsagePublisher:
         return failed
 
     async def _send(self, producer: AIOKafkaProducer, events: list[UsageLike], own: set[str] | None) -> list[UsageLike]:
-        acked, failed = await send_batches(producer, self._topic, events, self.partition_of, self._wire)
+        acked, failed = await send_batches(producer, self._topic, events, self.partition_of, self._wire, self._encode_ahead)
         for partition, base, chunk in acked:
             self._acknowledged(chunk, partition, base, own)
         return failed
+
+    def _encode_ahead(self) -> None:
+        """While a batch is on its way to the broker, encode the next one's events (still queued:
+        nothing about their order or delivery changes), so the broker's work and ours overlap."""
+        wire = self._wire
+        if len(wire) >= self._config.queue_max:
+            return
+        for event in itertools.islice(self._queue, self._config.batch_max):
+            if event.event_id not in wire:
+                wire[event.event_id] = encode_event(event)
 
     def _acknowledged(self, chunk: list[UsageLike], partition: int, base: int, own: set[str] | None) -> None:
         self.stats.delivered += sum(1 for e in chunk if own is None or e.event_id in own)

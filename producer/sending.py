@@ -35,13 +35,15 @@ def new_producer(config: ProducerConfig) -> AIOKafkaProducer:
 
 async def send_batches(
     producer: AIOKafkaProducer, topic: str, events: list[UsageLike], partition_of: Callable[[str], int],
-    encoded: dict[str, bytes] | None = None,
+    encoded: dict[str, bytes] | None = None, while_waiting: Callable[[], None] | None = None,
 ) -> tuple[list[Acked], list[UsageLike]]:
     """Send ``events`` grouped by their tenant's partition; return what was acknowledged and what failed.
 
     A tenant's events keep their order: they share a partition, and its chunks are sent in order.
     ``encoded``: values already encoded, by event id (taken out as they are used; the others are
-    encoded here).
+    encoded here). ``while_waiting``: run once the batches are handed to the Kafka client and it
+    has had a turn to write them, before waiting for their acknowledgements (the broker works
+    meanwhile).
     """
     by_partition: dict[int, list[UsageLike]] = {}
     for event in events:
@@ -61,6 +63,9 @@ async def send_batches(
                 failed.extend(chunk)
                 continue
             in_flight.append((future, partition, chunk))
+    if while_waiting is not None and in_flight:
+        await asyncio.sleep(0)  # the client's sender task writes the request
+        while_waiting()
     results = await asyncio.gather(*(future for future, _, _ in in_flight), return_exceptions=True)
     acked: list[Acked] = []
     for (_, partition, chunk), result in zip(in_flight, results, strict=True):
