@@ -4,9 +4,11 @@ aggregator process, two.
 1. publish: one process queues N usage events with ``UsagePublisher.publish`` (the middleware's
    hot path) and waits until the broker has acknowledged all of them.
 2. ceiling: a group-less consumer with the aggregator's client settings (same fetch sizes, same
-   ``getmany`` batch bound) reads the N records; ``getmany`` alone, then decoding each value as
-   the aggregator does (``aggregator.intake.accept``). What this machine and client can deliver:
-   the aggregator's figure is reported as a ratio to the second.
+   ``getmany`` batch bound) reads the N records; ``getmany`` alone, then decoding each record as
+   the aggregator does (``schemas.wire.decode_usage_record``). What this machine and client can
+   deliver: the aggregator's figure is reported as a ratio to the second. When confluent-kafka
+   (librdkafka) is installed, its ``consume(10000)`` is measured the same way beside it, so the
+   choice of client is made with numbers.
 3. aggregate: ``python -m aggregator`` processes (1, then 2, each time a new consumer group over
    the same topic) consume the N events: validate, aggregate, changelog, commit. Timed from the
    group's first commit to the moment its lag reaches 0, so process start-up is not counted.
@@ -36,12 +38,11 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from plots import plot_throughput
 
 from aggregator.config import AggregatorConfig
-from aggregator.intake import accept
 from aggregator.verify import end_offsets
 from producer import KafkaConnection, ProducerConfig, UsagePublisher, ensure_topics
 from schemas.errors import DecodeError
 from schemas.topics import TopicLayout
-from schemas.wire import UsageDraft
+from schemas.wire import UsageDraft, decode_usage_record
 from transport.admin import committed_offsets
 
 
@@ -97,13 +98,49 @@ async def ceiling(connection: KafkaConnection, layout: TopicLayout, decode: bool
                 if decode:
                     for record in records:
                         try:
-                            accept(record, layout.partitions)
+                            decode_usage_record(record.key, record.value)
                         except DecodeError:
                             bad += 1
         assert started is not None and bad == 0, f"{bad} records did not decode"
         return total / (time.perf_counter() - started)
     finally:
         await consumer.stop()
+
+
+def librdkafka_ceiling(connection: KafkaConnection, layout: TopicLayout, total: int, decode: bool) -> float | None:
+    """The same bare read with confluent-kafka (librdkafka), when it is installed; else None."""
+    try:
+        from confluent_kafka import OFFSET_BEGINNING, Consumer
+        from confluent_kafka import TopicPartition as LibTopicPartition
+    except ImportError:
+        return None
+    consumer = Consumer({
+        "bootstrap.servers": connection.bootstrap_servers, "group.id": f"{layout.prefix}ceiling",
+        "enable.auto.commit": False, "fetch.wait.max.ms": 50, "max.partition.fetch.bytes": 4 * 1024 * 1024,
+    })
+    try:
+        consumer.assign([LibTopicPartition(layout.usage, p, OFFSET_BEGINNING) for p in range(layout.partitions)])
+        seen = bad = 0
+        started = None
+        deadline = time.monotonic() + 300
+        while seen < total and time.monotonic() < deadline:
+            messages = consumer.consume(num_messages=10_000, timeout=1.0)
+            if started is None and messages:
+                started = time.perf_counter()
+            for message in messages:
+                if message.error():
+                    bad += 1
+                    continue
+                seen += 1
+                if decode:
+                    try:
+                        decode_usage_record(message.key(), message.value())
+                    except DecodeError:
+                        bad += 1
+        assert started is not None and seen == total and bad == 0, f"read {seen} of {total}, {bad} bad"
+        return total / (time.perf_counter() - started)
+    finally:
+        consumer.close()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -168,7 +205,8 @@ async def main(count: int, rounds: int) -> None:
     with broker() as bootstrap:
         connection = KafkaConnection(bootstrap_servers=bootstrap)
         events = make_events(count)
-        names = ("publish", "getmany", "ceiling", "aggregate_1", "aggregate_2", "cpu_1", "cpu_2")
+        names = ("publish", "getmany", "ceiling", "librdkafka", "librdkafka_decode", "aggregate_1", "aggregate_2",
+                 "cpu_1", "cpu_2")
         results: dict[str, list[float]] = {name: [] for name in names}
         for round_ in range(rounds):
             layout = fresh_layout(f"pipeline{round_}")
@@ -177,6 +215,10 @@ async def main(count: int, rounds: int) -> None:
             results["publish"].append(await publish(config, events))
             results["getmany"].append(await ceiling(connection, layout, decode=False))
             results["ceiling"].append(await ceiling(connection, layout, decode=True))
+            for name, decode in (("librdkafka", False), ("librdkafka_decode", True)):
+                figure = librdkafka_ceiling(connection, layout, count, decode)
+                if figure is not None:
+                    results[name].append(figure)
             # The two group sizes alternate in order between rounds, so drift hits both alike.
             order = (1, 2) if round_ % 2 == 0 else (2, 1)
             for processes in order:
@@ -189,7 +231,7 @@ async def main(count: int, rounds: int) -> None:
                 f"({results['cpu_1'][-1]:.1f} us CPU an event), 2 aggregators {results['aggregate_2'][-1]:,.0f}/s "
                 f"({results['cpu_2'][-1]:.1f} us)", flush=True,
             )
-        figures = {k: median(v) for k, v in results.items()}
+        figures = {k: median(v) for k, v in results.items() if v}
         ratio = figures["aggregate_1"] / figures["ceiling"]
         cpu_ratio = figures["cpu_2"] / figures["cpu_1"]
         print(
@@ -209,6 +251,11 @@ async def main(count: int, rounds: int) -> None:
             "cpu_us_per_event_1": round(figures["cpu_1"], 2), "cpu_us_per_event_2": round(figures["cpu_2"], 2),
             "cpu_ratio_2_to_1": round(cpu_ratio, 2),
         }
+        if "librdkafka" in figures:
+            print(f"confluent-kafka (librdkafka) consume(10000): {figures['librdkafka']:,.0f}/s alone, "
+                  f"{figures['librdkafka_decode']:,.0f}/s decoding")
+            final["librdkafka_eps"] = round(figures["librdkafka"])
+            final["librdkafka_decode_eps"] = round(figures["librdkafka_decode"])
         save_results(results_name, {**final, "rounds_raw": results})
         plot_throughput(final, result_path(results_name, ".png"),
                         title=f"Throughput, {count:,} events, median of {rounds} rounds, one run")
