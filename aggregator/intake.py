@@ -25,6 +25,7 @@ Beyond a valid value whose tenant is the record's key (``schemas.wire.decode_usa
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -74,24 +75,15 @@ def identity(event: UsageEvent) -> Identity:
     return (event.tenant_id, event.event_id)
 
 
+_content = operator.attrgetter(
+    "period_key", "total_tokens", "input_tokens", "output_tokens", "cache_creation_input_tokens",
+    "cache_read_input_tokens", "reasoning_output_tokens", "model", "quota_tokens", "event_time", "instance_id",
+    "streaming", "estimated",
+)
+
+
 def fingerprint(event: UsageEvent) -> int:
     """What a true duplicate must repeat. Valid within one process only (str hashes are salted),
     which is all it needs: windows are rebuilt from the records, not stored."""
-    return hash(
-        (
-            event.period_key,
-            event.total_tokens,
-            event.input_tokens,
-            event.output_tokens,
-            event.cache_creation_input_tokens,
-            event.cache_read_input_tokens,
-            event.reasoning_output_tokens,
-            event.model,
-            event.quota_tokens,
-            event.event_time,
-            event.instance_id,
-            event.streaming,
-            event.estimated,
-            tuple(sorted(event.attributes.items())),
-        )
-    )
+    attributes = event.attributes
+    return hash((_content(event), tuple(sorted(attributes.items())) if attributes else ()))
