@@ -181,12 +181,12 @@ class TokenGuardMiddleware(ChatMiddleware):
         def estimate_input() -> int:
             return input_estimate or estimate_input_tokens(messages)
 
-        def record(details: dict[str, Any], model: str | None, output_estimate: Callable[[], int], streaming: bool) -> Any:
-            counts = settle_counts(details, input_estimate=estimate_input, output_estimate=output_estimate)
-            return self._record(tenant_id, period_key, decision.limit, reservation, holds, counts, model, streaming)
-
         if context.stream:
-            usage = StreamUsage(lambda d, m, o: record(d, m, o, True))
+            def record(details: dict[str, Any], model: str | None, output_estimate: Callable[[], int]) -> Any:
+                counts = settle_counts(details, input_estimate=estimate_input, output_estimate=output_estimate)
+                return self._record(tenant_id, period_key, decision.limit, reservation, holds, counts, model, True)
+
+            usage = StreamUsage(record)
             usage.attach(context)
             try:
                 await call_next()
@@ -201,12 +201,15 @@ class TokenGuardMiddleware(ChatMiddleware):
         finally:
             self._release(reservation, holds)
         result = context.result
-        if result is not None:
-            # Without (usable) provider counts the event carries an estimate, flagged, rather than nothing.
-            details = dict(getattr(result, "usage_details", None) or {})
-            pending = record(details, getattr(result, "model", None), lambda: _output_estimate(result), False)
-        else:
-            pending = None
+        if result is None:
+            return
+        # Without (usable) provider counts the event carries an estimate, flagged, rather than nothing.
+        details = getattr(result, "usage_details", None) or {}
+        if type(details) is not dict:
+            details = dict(details)
+        counts = settle_counts(details, input_estimate=estimate_input, output_estimate=lambda: _output_estimate(result))
+        pending = self._record(
+            tenant_id, period_key, decision.limit, reservation, holds, counts, getattr(result, "model", None), False)
         if pending is not None:
             await pending
 
