@@ -225,7 +225,10 @@ def usage_headers(event: UsageLike) -> list[tuple[str, bytes]]:
 
 
 def _pack(*parts: str | int) -> bytes:
-    return json.dumps(parts, separators=(",", ":"), ensure_ascii=False).encode()
+    """A JSON array key, compact, UTF-8, nothing escaped but what JSON requires: the bytes
+    ``json.dumps(parts, separators=(",", ":"), ensure_ascii=False)`` gives (tests hold the two
+    equal), from orjson at a twentieth of the cost; the aggregator writes one per changed key."""
+    return orjson.dumps(parts)
 
 
 def usage_key(tenant_id: str) -> bytes:

@@ -88,7 +88,7 @@ def test_unknown_schema_version_has_its_own_reason() -> None:
 
 def test_record_key_must_be_the_tenant() -> None:
     value = wire.encode(event())
-    assert wire.decode_usage_record(b"acme", value) == event()
+    assert wire.usage_model(wire.decode_usage_record(b"acme", value)) == event()
     for key in (b"globex", None):
         with pytest.raises(DecodeError) as info:
             wire.decode_usage_record(key, value)
@@ -168,3 +168,21 @@ def test_events_of_every_released_schema_version_still_decode() -> None:
     versions = {wire.decode_usage(line).schema_version for line in lines if line.strip()}
     assert versions == {1, 2}, "add a line for each new schema version"
     assert versions == set(typing.get_args(UsageEvent.model_fields["schema_version"].annotation))
+
+
+def test_record_keys_are_the_bytes_json_dumps_gives() -> None:
+    """Keys written before and after ``_pack`` moved to orjson must be the same bytes: the
+    changelog, notices and sealed topics are compacted by key."""
+    import random
+
+    rng = random.Random(14)
+    alphabet = [chr(c) for c in range(0x20, 0x800)] + ["\u2028", "\u2029", "\ufeff", "\U0001f600", '"', "\\", "/"]
+    samples = ["tenant-00001", "2026-11", "rule:tpm~tokens:60s@1764400000", "a\"b", "back\\slash", ""]
+    samples += ["".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 40))) for _ in range(2_000)]
+    for tenant in samples:
+        period = rng.choice(samples)
+        expected = json.dumps([tenant, period], separators=(",", ":"), ensure_ascii=False).encode()
+        assert wire.tenant_period_key(tenant, period) == expected
+    assert wire.heartbeat_key(5) == b'["heartbeat",5]'
+    assert wire.limit_key(None) == b'["default"]'
+    assert wire.limit_key("acme") == b'["tenant","acme"]'
