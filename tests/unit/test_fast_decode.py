@@ -230,6 +230,14 @@ def test_attributes_bounds() -> None:
     ]
     for attributes in cases:
         check_usage(dumps({**USAGE, "attributes": attributes}))
+    good = dumps({**USAGE, "attributes": {"a": "b"}})
+    for pairs in (33, 64):  # repeated keys: what counts is the distinct keys, on both paths
+        check_usage(good.replace(b'"attributes":{"a":"b"}', b'"attributes":{' + b",".join([b'"k":"v"'] * pairs) + b"}"))
+        many = b",".join(b'"k%d":"v"' % (i % 32) for i in range(pairs))
+        check_usage(good.replace(b'"attributes":{"a":"b"}', b'"attributes":{' + many + b"}"))
+    check_usage(good.replace(b'"attributes":{"a":"b"}', b'"attributes":{"a":1,"a":"b"}'))
+    check_usage(good.replace(b'"attributes":{"a":"b"}', b'"attributes":{"a":"b","a":1}'))
+    check_usage(good.replace(b'"attributes":{"a":"b"}', b'"attributes":{"a":"' + b"v" * 300 + b'","a":"b"}'))
 
 
 def test_record_framing_and_keys() -> None:
@@ -279,6 +287,19 @@ def test_json_spellings() -> None:
         good.replace(b'"trace_id":"4bf', b'"trace_id":"4BF'), good.replace(b'"span_id":"00f067aa0ba902b7"', b'"span_id":"00f067aa0ba902b7\\n"'),
         good.replace(b'"event_id":"evt-0123456789_ab"', b'"event_id":"evt-0123456789_ab\\n"'),
         good.replace(b'"event_id":"evt-0123456789_ab"', b'"event_id":"evt-0123456789_a\\u0062"'),
+        good.replace(b'"acme"', b'"\\u0041CME"'), good.replace(b'"acme"', b'"\\u00E9"'), good.replace(b'"acme"', b'"\\U00e9"'),
+        good.replace(b'"total_tokens":63', b'"total_tokens":-01'), good.replace(b'"total_tokens":63', b'"total_tokens":6E1'),
+        good.replace(b'"total_tokens":63', b'"total_tokens":63 '), good.replace(b'"total_tokens":63', b'"total_tokens":"63"'),
+        good.replace(b'"total_tokens":63', b'"total_tokens":"x","total_tokens":63'),
+        good.replace(b'"total_tokens":63', b'"total_tokens":63,"total_tokens":"x"'),
+        good.replace(b'"total_tokens":63', b'"total_tokens":1000000000,"total_tokens":63'),
+        good.replace(b'"total_tokens":63', b'"total_tokens":63,"total_tokens":1000000000'),
+        good.replace(b'"event_time":"', b'"event_time":"x","event_time":"'),
+        good.replace(b'"event_time":"2026-04-14T11:46:09.123456Z"', b'"event_time":"2026-04-14T11:46:09.123456\\u005a"'),
+        good.replace(b'"event_time":"2026-04-14T11:46:09.123456Z"', b'"event_time":"2026-04-14T11:46:09.12345\\u0036Z"'),
+        good.replace(b'"event_time":"2026-04-14T11:46:09.123456Z"', b'"event_time":"2026-04-14T11:46:09.123456\\u0037Z"'),
+        good.replace(b'"trace_id":', b'"trace_id":null,"trace_id":'), good.replace(b'"model":"gpt-x"', b'"model":null'),
+        good.replace(b'"attributes":{', b'"attributes":null,"attributes":{'),
     ]
     for value in variants:
         check_usage(value)
@@ -353,8 +374,16 @@ def test_random_byte_splices(insert: bytes, at: int, cut: int, totals: bool) -> 
         check_usage(value)
 
 
+_fractions = st.builds(
+    lambda moment, digits, offset: moment.strftime("%Y-%m-%dT%H:%M:%S") + (f".{digits}" if digits else "") + offset,
+    st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30)),
+    st.text(alphabet="0123456789", max_size=9),
+    st.one_of(st.just("Z"), st.from_regex(r"\A[+-][0-9]{2}:[0-9]{2}\Z")),
+)
+
+
 @FUZZ
-@given(_times)
+@given(st.one_of(_times, _fractions))
 def test_random_timestamps(text: str) -> None:
     check_usage(dumps({**USAGE, "event_time": text}))
     check_totals(dumps({**TOTALS, "updated_at": text}))
