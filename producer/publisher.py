@@ -77,7 +77,9 @@ class UsagePublisher:
         )
         self._in_flight: list[UsageLike] = []
         # Encoded values of queued events given to ``publish``, by event id; what is missing is encoded when sent.
+        # Sent or spooled, an event's entry is taken out; bounded for a queue that Kafka does not drain.
         self._wire: dict[str, bytes] = {}
+        self._wire_max = 2 * config.batch_max
         self._closing: set[asyncio.Task[None]] = set()
         self._accepting = False
         self._stopping = False
@@ -193,7 +195,7 @@ class UsagePublisher:
         leftover = self._in_flight + list(self._queue)
         self._in_flight = []
         self._queue.clear()
-        self._queue.extend(self.spool.spill(leftover))
+        self._queue.extend(self.spool.spill(leftover, self._wire))
         producer, self._producer = self._producer, None
         if producer is not None:
             await close_within(producer, timeout)
@@ -225,7 +227,7 @@ class UsagePublisher:
             raise PublisherError("the usage publisher is not running: call start() first")
         if encoded is not None:
             wire = self._wire
-            if len(wire) >= self._config.queue_max:  # a cache: events spooled never take theirs out
+            if len(wire) >= self._wire_max:  # a cache, bounded: what it dropped is encoded again
                 wire.clear()
             wire[event.event_id] = encoded
         queue = self._queue
@@ -255,7 +257,7 @@ class UsagePublisher:
             if self._offline:
                 # No Kafka yet: straight to the spool, in order (refused ones wait in memory, in front).
                 if self._queue:
-                    self._queue.extendleft(reversed(self.spool.spill(self._drain_queue())))
+                    self._queue.extendleft(reversed(self.spool.spill(self._drain_queue(), self._wire)))
                 if self._stopping:
                     return
                 self._wakeup.clear()
@@ -263,7 +265,7 @@ class UsagePublisher:
                 continue
             if self.spool.pending:
                 # Catching up: later events queue behind the spooled ones, in order.
-                self._queue.extendleft(reversed(self.spool.spill(self._drain_queue())))
+                self._queue.extendleft(reversed(self.spool.spill(self._drain_queue(), self._wire)))
                 if await self.spool.deliver(self._send_within_timeout, self._config.batch_max):
                     backoff = 0.1
                     continue
@@ -287,7 +289,7 @@ class UsagePublisher:
                 backoff = 0.1
                 continue
             self.stats.send_errors += 1
-            refused = self.spool.spill(failed)
+            refused = self.spool.spill(failed, self._wire)
             self._queue.extendleft(reversed(refused))  # the spool refused them: keep them in memory, in front
             if self._stopping and refused:
                 return
@@ -328,7 +330,7 @@ class UsagePublisher:
         """While a batch is on its way to the broker, encode the next one's events (still queued:
         nothing about their order or delivery changes), so the broker's work and ours overlap."""
         wire = self._wire
-        if len(wire) >= self._config.queue_max:
+        if len(wire) >= self._wire_max:
             return
         for event in itertools.islice(self._queue, self._config.batch_max):
             if event.event_id not in wire:

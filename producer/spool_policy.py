@@ -62,11 +62,13 @@ class SpoolPolicy:
             log.warning("%d usage events stay in the spool at %s for the next start", self.spool.pending, self.spool.root)
         self.spool.close()
 
-    def spill(self, events: list[UsageLike]) -> list[UsageLike]:
-        """Write ``events`` to the spool, in order; return those refused (the caller keeps them)."""
+    def spill(self, events: list[UsageLike], encoded: dict[str, bytes] | None = None) -> list[UsageLike]:
+        """Write ``events`` to the spool, in order; return those refused (the caller keeps them).
+        ``encoded``: values already encoded, by event id (the publisher's; taken out as used)."""
         if not events:
             return []
-        lines = [encode_event(event) for event in events]
+        given = encoded if encoded else {}
+        lines = [given.pop(event.event_id, b"") or encode_event(event) for event in events]
         while True:
             try:
                 self.spool.append(lines)
@@ -117,7 +119,7 @@ class NoSpool:
     def close(self) -> None:
         pass
 
-    def spill(self, events: list[UsageLike]) -> list[UsageLike]:
+    def spill(self, events: list[UsageLike], encoded: dict[str, bytes] | None = None) -> list[UsageLike]:
         return events
 
     async def deliver(self, send: SendOwn, batch_max: int) -> bool:

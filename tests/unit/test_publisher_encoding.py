@@ -5,6 +5,7 @@ is sent or in which order."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,6 +33,10 @@ class ValueProducer(FakeProducer):
 
         batch.append = append
         return batch
+
+
+def spooled_lines(root: Path) -> list[bytes]:
+    return [line for segment in sorted(root.glob("*/*.jsonl")) for line in segment.read_bytes().split(b"\n") if line]
 
 
 @pytest.fixture
@@ -71,3 +76,26 @@ async def test_events_queued_behind_a_batch_in_flight_are_encoded_meanwhile_and_
         await publisher.flush(timeout=5)
     assert fake.values == [encode_event(event) for event in first + behind]
     assert sum(len(records) for _, records in fake.sent) == 10, "each event sent once"
+
+
+async def test_spilled_events_take_their_given_bytes_to_the_spool(fake: ValueProducer, tmp_path: Path) -> None:
+    fake.down = True
+    publisher = UsagePublisher(config(tmp_path))
+    await publisher.start()
+    events = [big_draft(10) for _ in range(3)]
+    for event in events:
+        publisher.publish(event, encode_event(event))
+    async with asyncio.timeout(5):
+        while publisher.spool_pending < len(events):
+            await asyncio.sleep(0.01)
+    assert publisher._wire == {}, "spooled: their entries are taken out, not kept for ever"
+    await publisher.stop(timeout=0.5)
+    assert spooled_lines(tmp_path) == [encode_event(event) for event in events]
+
+
+async def test_the_cache_of_given_bytes_is_bounded(fake: ValueProducer) -> None:
+    fake.down = True  # nothing is ever sent, and there is no spool: every event stays queued
+    async with UsagePublisher(config(None, batch_max=5)) as publisher:
+        for event in (big_draft(10) for _ in range(50)):
+            publisher.publish(event, encode_event(event))
+            assert len(publisher._wire) <= 10
