@@ -117,19 +117,21 @@ class BatchApplier:
             checkpoint.advance(tp, last + 1)
 
     async def _apply_records(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
-        state, stats, partitions = self.state, self.stats, self._partitions
+        state, stats, partitions, partition = self.state, self.stats, self._partitions, tp.partition
+        apply, applied_outcome = state.apply, Outcome.APPLIED
+        applied = 0
         for record in records:
             try:
                 event = accept(record, partitions)
             except DecodeError as exc:
                 await self._dead_letter(record, exc.reason, exc.detail)
-                state.mark_position(tp.partition, record.offset)
+                state.mark_position(partition, record.offset)
                 continue
-            outcome = state.apply(tp.partition, record.offset, event, record.timestamp / 1000)
-            if outcome is Outcome.APPLIED:
-                stats.events += 1
+            outcome = apply(partition, record.offset, event, record.timestamp / 1000)
+            if outcome is applied_outcome:
+                applied += 1
             elif outcome is Outcome.ADJUSTMENT:
-                stats.events += 1
+                applied += 1
                 stats.adjustments += 1
             elif outcome is Outcome.REPLAY:
                 stats.replays_skipped += 1
@@ -140,6 +142,7 @@ class BatchApplier:
                 await self._dead_letter(
                     record, "id_conflict", f"event {event.event_id!r} of this tenant was seen with other content"
                 )
+        stats.events += applied
 
     async def _dead_letter(self, record: ConsumerRecord, reason: str, detail: str) -> None:
         """Keep the original key, bytes and headers; say why in headers. Never stops the aggregator."""

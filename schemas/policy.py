@@ -75,7 +75,9 @@ class QuotaRule(BaseModel):
     def _known_zone(cls, value: str) -> str:
         try:
             ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
+        # OSError: with the tzdata package installed, a name that is a folder of it ("America")
+        # raises IsADirectoryError instead of ZoneInfoNotFoundError.
+        except (ZoneInfoNotFoundError, ValueError, OSError):
             raise ValueError(f"unknown time zone {value!r} (an IANA name such as 'Europe/Paris')") from None
         return value
 
