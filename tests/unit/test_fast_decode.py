@@ -389,6 +389,39 @@ def test_random_timestamps(text: str) -> None:
     check_totals(dumps({**TOTALS, "updated_at": text}))
 
 
+def _respelled(value: Any, rng: random.Random) -> str:
+    """JSON of ``value`` with some characters of its strings (names included) written as escapes."""
+    if isinstance(value, str):
+        out = []
+        for char in value:
+            if rng.random() < 0.3 or char in '"\\' or ord(char) < 0x20:
+                code = ord(char)
+                if code > 0xFFFF:
+                    code -= 0x10000
+                    out.append(f"\\u{0xD800 + (code >> 10):04{rng.choice('xX')}}\\u{0xDC00 + (code & 0x3FF):04{rng.choice('xX')}}")
+                else:
+                    out.append(f"\\u{code:04{rng.choice('xX')}}")
+            else:
+                out.append(char)
+        return '"' + "".join(out) + '"'
+    if isinstance(value, dict):
+        space = rng.choice(["", " ", "\n", "\t", "\r\n  "])
+        items = [f"{_respelled(k, rng)}{space}:{space}{_respelled(v, rng)}" for k, v in value.items()]
+        return "{" + space + f",{space}".join(items) + space + "}"
+    return json.dumps(value)
+
+
+def test_escaped_spellings_decode_to_the_same_values() -> None:
+    rng = random.Random(7)
+    rich = {**USAGE, "tenant_id": "acmé-😀", "model": "gpt\u00ff😀\x00", "attributes": {"ключ": "значение😀", "k": "\x7f"}}
+    compiled_path = 0
+    for _ in range(500):
+        value = _respelled(rich, rng).encode()
+        compiled_path += check_usage(value, "acmé-😀".encode()) == "compiled"
+        check_totals(_respelled({**TOTALS, "tenant_id": "acmé-😀"}, rng).encode())
+    assert compiled_path == 500
+
+
 def test_seeded_mutations_of_valid_records() -> None:
     rng = random.Random(14)
     values = [*BAD_VALUES, *TIMES, *[USAGE[k] for k in USAGE], *[TOTALS[k] for k in TOTALS]]
