@@ -45,10 +45,14 @@ class AggregatorConfig:
     # A rule's rate-window counter is dropped (memory, changelog, notice) this long after its
     # window ended; an event of the window that arrives later starts a fresh counter for it.
     rate_window_keep_s: float = 60.0
-    # A batch closes at ``batch_max`` records or ``batch_window_ms`` after its first record,
-    # whichever comes first; a notice waits at most that long before it is published.
+    # Records are polled and applied in slices of ``poll_window_ms`` (from a slice's first
+    # record). The changes are flushed (changelog, notices, offset commit) at ``batch_max``
+    # records or ``batch_window_ms`` after the first record since the last flush, whichever comes
+    # first; and at once after a slice that leaves a notice to publish, so a notice waits about
+    # one slice, not a whole window.
     batch_max: int = 20_000
     batch_window_ms: int = 50
+    poll_window_ms: int = 10
     # Event ids remembered per partition to drop duplicates that arrive at a new offset.
     dedup_window: int = 100_000
     # Static group membership: a restarted process with the same id takes its partitions back at
@@ -89,8 +93,8 @@ class AggregatorConfig:
             raise ValueError("heartbeat_interval_s, reassert_interval_s must be positive, rate_window_keep_s >= 0")
         if self.metrics_top_tenants < 0:
             raise ValueError(f"metrics_top_tenants must be >= 0, got {self.metrics_top_tenants}")
-        if self.batch_max < 1 or self.batch_window_ms < 1 or self.dedup_window < 1:
-            raise ValueError("batch_max, batch_window_ms and dedup_window must be positive")
+        if self.batch_max < 1 or self.batch_window_ms < 1 or self.poll_window_ms < 1 or self.dedup_window < 1:
+            raise ValueError("batch_max, batch_window_ms, poll_window_ms and dedup_window must be positive")
         if not 0 < self.longest_period_s <= MAX_PERIOD_S or not 0 <= self.seal_grace_s <= MAX_PERIOD_S:
             raise ValueError(f"longest_period_s must be in (0, {MAX_PERIOD_S}] and seal_grace_s in [0, {MAX_PERIOD_S}], "
                              f"got {self.longest_period_s} and {self.seal_grace_s}")

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -261,8 +262,9 @@ class AggregatorService:
             raise
         self._producer, self._consumer = producer, consumer
         self._checkpoint = Checkpoint(producer, consumer, config.topics, config.aggregator_id)
+        # The applier polls one slice at a time; this loop decides when a flush is due.
         self._batch = BatchApplier(
-            config, self.state, self.stats, self._checkpoint,
+            replace(config, batch_window_ms=config.poll_window_ms), self.state, self.stats, self._checkpoint,
             partitions=self._partitions, owned=self._owned, next_offsets=self._next,
         )
         self._stopping = False
@@ -310,8 +312,14 @@ class AggregatorService:
             await self._task
 
     async def _run(self) -> None:
+        """Poll in slices of ``poll_window_ms``, apply each slice at once, flush on the cadence of
+        ``_flush_due``: a notice is published one slice after the record that made it, not a
+        whole batch window later, while the changelog and the offset commit keep the window's
+        large batches when nothing needs saying."""
         consumer = self._consumer
         assert consumer is not None
+        opened_at: float | None = None  # when the first record since the last flush was applied
+        applied = 0
         while not self._stopping:
             if self._to_restore:
                 async with self._lock:
@@ -323,9 +331,28 @@ class AggregatorService:
                 # 1. Apply, poll by poll, in order (see the module docstring for rebalances).
                 for records, unreadable in polls:
                     await self._batch.apply(records, unreadable)
+                polled = sum(len(batch) for records, _ in polls for batch in records.values()) + sum(
+                    len(unreadable) for _, unreadable in polls)
+                if polled and opened_at is None:
+                    opened_at = time.monotonic()
+                applied += polled
+                if not self._flush_due(polled, applied, opened_at):
+                    continue
                 await self._flush()
+                opened_at, applied = None, 0
                 await self._heartbeat_if_due()
                 self._reassert_if_due()
+        if applied:
+            async with self._lock:
+                await self._flush()  # a graceful stop leaves nothing applied and unsaid
+
+    def _flush_due(self, polled: int, applied: int, opened_at: float | None) -> bool:
+        """Flush when a notice waits to be published (a tenant crossed a threshold: every
+        instance should know now), when the last slice found nothing more (idle: nothing to gain
+        by waiting), at ``batch_max`` records or ``batch_window_ms`` after the first one."""
+        if not polled or applied >= self.config.batch_max or self.state._notify:
+            return True
+        return opened_at is not None and time.monotonic() - opened_at >= self.config.batch_window_ms / 1000
 
     async def _flush(self) -> None:
         checkpoint = self._checkpoint

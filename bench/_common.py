@@ -71,16 +71,24 @@ def save_results(name: str, figures: dict[str, object]) -> Path:
     return path
 
 
-class Fleet:
-    """Benchmark child processes of ``bench/instance.py``: started together, released together."""
+def code_env(code: Path) -> dict[str, str]:
+    """The environment of a child that runs the packages of ``code``: this checkout, or another
+    one (a worktree of an older commit) measured side by side on the same broker."""
+    return {**os.environ, "PYTHONPATH": str(code), "TOKENGUARD_BENCH_CODE": str(code)}
 
-    def __init__(self) -> None:
+
+class Fleet:
+    """Benchmark child processes of ``bench/instance.py``: started together, released together.
+    ``code``: the checkout whose packages they run (this one unless told)."""
+
+    def __init__(self, code: Path = REPO) -> None:
         self.children: list[asyncio.subprocess.Process] = []
+        self.code = code
 
     async def spawn(self, *args: str) -> asyncio.subprocess.Process:
         child = await asyncio.create_subprocess_exec(
             sys.executable, str(REPO / "bench" / "instance.py"), *args,
-            cwd=REPO, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            cwd=self.code, env=code_env(self.code), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         )
         self.children.append(child)
         return child
@@ -110,11 +118,11 @@ class Fleet:
             await child.wait()
 
 
-async def start_aggregator(bootstrap: str, layout: TopicLayout, group: str) -> asyncio.subprocess.Process:
+async def start_aggregator(bootstrap: str, layout: TopicLayout, group: str, code: Path = REPO) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "aggregator", "--bootstrap-servers", bootstrap, "--topic-prefix", layout.prefix,
         "--partitions", str(layout.partitions), "--group-id", group, "--log-level", "WARNING",
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=asyncio.subprocess.DEVNULL,
+        cwd=code, env=code_env(code), stdin=asyncio.subprocess.DEVNULL,
     )
 
 

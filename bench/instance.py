@@ -13,17 +13,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# The packages measured: this checkout's, or another one's (TOKENGUARD_BENCH_CODE, set by _common.code_env).
+sys.path.insert(0, os.environ.get("TOKENGUARD_BENCH_CODE") or str(Path(__file__).resolve().parent.parent))
 
 from agent_framework import Agent
 
 from producer import KafkaConnection, KafkaQuotaStore, ProducerConfig, QuotaExceededError, TokenGuardMiddleware
 from producer.scripted import ScriptedChatClient
+from schemas.notices import QuotaNotice
 from schemas.topics import TopicLayout
+from schemas.wire import parse_tenant_period_key
 
 
 def config(args: argparse.Namespace) -> ProducerConfig:
@@ -43,13 +47,50 @@ async def wait_for_go() -> None:
         raise SystemExit(f"expected 'go', got {line!r}")
 
 
+def observe_notices(store: KafkaQuotaStore) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Stage times of each tenant's first notice in this process: when its record was fetched
+    (handed to the feed), when the snapshot took it, and the notice's own ``emitted_at``
+    (the aggregator's flush) and record timestamp (its send). Wraps the feed's handler and the
+    snapshot's ``apply_notice``; the decisions are untouched."""
+    fetched: dict[str, float] = {}
+    stages: dict[str, dict[str, float]] = {}
+    follower = store.feed._follower
+    handler = follower._on_records
+
+    async def take(records: list) -> None:
+        now = time.time()
+        for record in records:
+            parsed = parse_tenant_period_key(record.key)
+            if parsed is not None and record.value is not None:
+                fetched.setdefault(parsed[0], now)
+                stages.setdefault(parsed[0], {}).setdefault("sent", record.timestamp / 1000)
+        await handler(records)
+
+    follower._on_records = take
+    snapshot = store.snapshot
+    apply_notice = snapshot.apply_notice
+
+    def applied(notice: QuotaNotice) -> bool:
+        taken = apply_notice(notice)
+        if taken and notice.state == "exceeded" and "applied" not in stages.get(notice.tenant_id, {}):
+            stage = stages.setdefault(notice.tenant_id, {})
+            stage["applied"] = time.time()
+            stage["emitted"] = notice.emitted_at.timestamp()
+            stage["fetched"] = fetched.get(notice.tenant_id, stage["applied"])
+        return taken
+
+    snapshot.apply_notice = applied  # type: ignore[method-assign]
+    return fetched, stages
+
+
 async def watch(args: argparse.Namespace) -> None:
     async with KafkaQuotaStore(config(args)) as store:
+        _, stages = observe_notices(store)
         await wait_for_go()
         for trial in range(args.trials):
             tenant = f"probe-{trial}"
             await store.feed.wait_until(lambda s, t=tenant: not s.decide(t, "p", 10**12).allowed, timeout=120)
-            print(json.dumps({"trial": trial, "blocked_at": time.time()}), flush=True)
+            print(json.dumps({"trial": trial, "blocked_at": time.time(), **stages.get(tenant, {})}), flush=True)
 
 
 async def overshoot(args: argparse.Namespace) -> None:

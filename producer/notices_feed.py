@@ -104,6 +104,14 @@ class NoticesFeed:
                 log.warning("notices read at start not yet checked against the usage topic's end offsets", exc_info=True)
         self._checker = asyncio.create_task(self._check_forever(), name="tokenguard-notices-offsets")
 
+    def observe_end(self, partition: int, offset: int) -> None:
+        """The broker stored a record at ``offset`` of usage partition ``partition`` (this process's
+        own usage, acknowledged): the partition's end is past it. A notice within what is known so
+        needs no question to the broker, so a process that publishes for a tenant takes the notices
+        that cover its own usage at once."""
+        if offset >= self._ends.get(partition, 0):
+            self._ends[partition] = offset + 1
+
     async def stop(self) -> None:
         """Idempotent."""
         checker, self._checker = self._checker, None
@@ -172,6 +180,17 @@ class NoticesFeed:
         log.log(level, "ignored %s (%s): %s", where, reason, detail)
 
     async def _check_forever(self) -> None:
+        try:
+            # Learned before the first notice needs them: the usage topic's partitions (a metadata
+            # request of its own) and the follower's consumer's metadata for that topic would
+            # otherwise add ~150 ms to the first notice's check.
+            async with self._checking:
+                self._usage_partitions = set(await topic_partitions(self._connection, self._usage_topic))
+                await self._refresh_ends(set())
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.debug("learning the usage topic's end offsets at start failed; the first notice asks again", exc_info=True)
         while True:
             await self._has_pending.wait()
             try:
