@@ -96,12 +96,15 @@ async def watch(args: argparse.Namespace) -> None:
 async def overshoot(args: argparse.Namespace) -> None:
     tokens = 0
     calls = 0
+    spent: list[tuple[float, int]] = []  # (when, tokens) of each admitted call: the fleet's timeline
     agent = Agent(ScriptedChatClient(reply_words=args.reply_words))
+    stages: dict[str, float] = {}
 
     def count(record: dict) -> None:
         nonlocal tokens, calls
         tokens += record["total_tokens"]
         calls += 1
+        spent.append((round(time.time(), 4), record["total_tokens"]))
 
     async def call_until_refused(middleware: object, refused: type[Exception]) -> tuple[float, float]:
         started = time.time()
@@ -124,13 +127,15 @@ async def overshoot(args: argparse.Namespace) -> None:
         started, ended = await call_until_refused(middleware, SeedQuotaExceededError)
     else:
         async with KafkaQuotaStore(config(args)) as store:
+            stages = observe_notices(store)[1].setdefault(args.tenant, {})
             quota = 10**12 if args.variant == "rule" else args.limit  # a rule variant: only the rule binds
             middleware = TokenGuardMiddleware(
                 quota_store=store, quota_tokens=quota, on_usage=count, user_id_getter=lambda _: args.tenant
             )
             await wait_for_go()
             started, ended = await call_until_refused(middleware, QuotaExceededError)
-    print(json.dumps({"name": args.name, "tokens": tokens, "calls": calls, "started": started, "ended": ended}), flush=True)
+    print(json.dumps({"name": args.name, "tokens": tokens, "calls": calls, "started": started, "ended": ended,
+                      "notice": stages.get("applied"), "emitted": stages.get("emitted"), "spent": spent}), flush=True)
 
 
 def main() -> None:

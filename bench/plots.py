@@ -85,29 +85,37 @@ def plot_propagation(latencies_ms: Sequence[float] | Mapping[str, Sequence[float
 def plot_overshoot(admitted: Sequence[tuple[float, float]], limit: float, notices: Mapping[str, float],
                    path: Path | str, *, title: str | None = None) -> Path:
     """Tokens the fleet admitted over time (seconds from the fleet's first call) against the limit,
-    each instance's notice arrival marked on the curve: the gap between the crossing and the last
-    arrival is what the overshoot is made of."""
+    each instance's notice arrival marked on the curve: the whole run on the left, the moments
+    around the crossing on the right, where the gap between the crossing and the last arrival is
+    what the overshoot is made of."""
     points = sorted(admitted)
-    figure, axes = plt.subplots(figsize=(7, 4.2))
-    times = [t * 1000 for t, _ in points]
-    tokens = [value for _, value in points]
-    axes.step(times, tokens, where="post", label="admitted (fleet)")
-    axes.axhline(limit, color="crimson", linestyle="--", label=f"limit {limit:,.0f}")
     crossed = next((t for t, value in points if value >= limit), None)
-    if crossed is not None:
-        axes.axvline(crossed * 1000, color="grey", linestyle=":", label="limit crossed")
-    if notices:
-        arrivals = sorted(notices.values())
-        heights = [_admitted_at(points, t) for t in arrivals]
-        axes.plot([t * 1000 for t in arrivals], heights, "v", color="darkorange", markersize=5,
-                  label=f"notice arrives ({len(arrivals)} instances)")
-    axes.set_xlabel("time since the fleet's first call (ms)")
-    axes.set_ylabel("tokens admitted")
-    axes.set_ylim(bottom=0)
-    _thousands(axes.yaxis)
-    axes.grid(alpha=0.3)
-    axes.legend(loc="lower right", fontsize="small")
-    axes.set_title(title or "Overshoot")
+    arrivals = sorted(notices.values())
+    figure, (whole, zoom) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1, 1.4]})
+    for axes in (whole, zoom):
+        axes.step([t * 1000 for t, _ in points], [value for _, value in points], where="post", label="admitted (fleet)")
+        axes.axhline(limit, color="crimson", linestyle="--", label=f"limit {limit:,.0f}")
+        if crossed is not None:
+            axes.axvline(crossed * 1000, color="grey", linestyle=":", label="limit crossed")
+        if arrivals:
+            axes.plot([t * 1000 for t in arrivals], [_admitted_at(points, t) for t in arrivals], "v", color="darkorange",
+                      markersize=6, label=f"notice arrives ({len(arrivals)} instances)")
+        axes.set_xlabel("time since the fleet's first call (ms)")
+        axes.grid(alpha=0.3)
+        _thousands(axes.yaxis)
+    whole.set_ylabel("tokens admitted")
+    whole.set_ylim(bottom=0)
+    whole.set_title("whole run", fontsize="medium")
+    if crossed is not None and points:
+        last = max(points[-1][0], *arrivals) if arrivals else points[-1][0]
+        before = max(0.05, (last - crossed) * 1.5)
+        zoom.set_xlim((crossed - before) * 1000, (last + 0.05 * (last - crossed + before)) * 1000)
+        low = _admitted_at(points, crossed - before)
+        high = points[-1][1]
+        zoom.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
+    zoom.set_title("around the crossing", fontsize="medium")
+    zoom.legend(loc="lower right", fontsize="small")
+    figure.suptitle(title or "Overshoot")
     return _save(figure, path)
 
 
