@@ -1,7 +1,9 @@
 """The per-call cost of the middleware's own logic, side by side with the seed.
 
 Every variant runs real ``Agent.run`` calls over the scripted chat client (no latency), one call
-at a time, alternating variants within each round so drift hits all alike:
+at a time, the variants interleaved in blocks of ``BLOCK_CALLS`` calls within each round (order
+rotated block by block) so drift hits all alike; a round's figure for a variant is the median of
+all its calls in the round:
 
 - ``noop``: a ChatMiddleware that only calls ``call_next`` (the framework's own cost);
 - ``seed``: the seed's TokenGuardMiddleware with its InMemoryQuotaStore and an on_usage callback;
@@ -12,8 +14,8 @@ at a time, alternating variants within each round so drift hits all alike:
 
 The middleware's own cost is the variant's median minus noop's; ``ratio_vs_seed`` compares ours
 with the seed's. The amortised CPU per call is ``time.process_time`` (every thread of the process,
-user and system time) over each variant's slice of calls, ending after the background publisher
-has delivered everything the slice published (``flush``): the sender's encoding, batching, socket
+user and system time) over each block of a variant's calls, ending after the background publisher
+has delivered everything the block published (``flush``): the sender's encoding, batching, socket
 writes and acknowledgements on the event loop are counted, waiting for the broker is not. Its own
 part (minus noop's) gives ``cpu_ratio_vs_seed``. Needs the seed package: ``pip install --no-deps azureaicommunity-agent-token-guard==0.1.0``
 (``make bench`` does it).
@@ -63,6 +65,12 @@ class NoOp(ChatMiddleware):
         await call_next()
 
 
+# Each round's calls of a variant run in blocks of this many, the variants' blocks interleaved
+# (order rotated block by block): load that comes and goes on a shared machine then falls on all
+# variants alike, where whole slices of a few seconds each would catch it unevenly.
+BLOCK_CALLS = 250
+
+
 def on_usage(record: dict[str, Any]) -> None:
     """Both middlewares get the same trivial callback, as an application would pass one."""
 
@@ -105,15 +113,21 @@ async def main(rounds: int, calls: int) -> None:
             amortized: dict[str, list[float]] = {name: [] for name in variants}
             all_ours: list[float] = []
             names = list(variants)
+            blocks = max(1, calls // BLOCK_CALLS)
             for round_ in range(rounds):
-                order = names[round_ % len(names):] + names[: round_ % len(names)]
-                for name in order:
-                    gc.collect()
-                    samples, per_call = await time_calls(agent, variants[name], calls, stores.get(name))
-                    per_round[name].append(statistics.median(samples))
-                    amortized[name].append(per_call)
-                    if name == "ours":
-                        all_ours.extend(samples)
+                samples: dict[str, list[float]] = {name: [] for name in names}
+                cpu: dict[str, list[float]] = {name: [] for name in names}
+                for block in range(blocks):
+                    shift = (round_ * blocks + block) % len(names)
+                    for name in names[shift:] + names[:shift]:
+                        gc.collect()
+                        block_samples, per_call = await time_calls(agent, variants[name], calls // blocks, stores.get(name))
+                        samples[name].extend(block_samples)
+                        cpu[name].append(per_call)
+                for name in names:
+                    per_round[name].append(statistics.median(samples[name]))
+                    amortized[name].append(statistics.fmean(cpu[name]))
+                all_ours.extend(samples["ours"])
                 print(f"round {round_ + 1}: " + ", ".join(f"{n} {per_round[n][-1]:.1f} us" for n in names))
             await with_spool.publisher.flush(timeout=60)
             await without.publisher.flush(timeout=60)
