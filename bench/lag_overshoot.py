@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from _common import broker, emit, fresh_layout
+from _common import broker, emit, fresh_layout, save_results
 
 from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
@@ -137,8 +137,11 @@ async def main(args: argparse.Namespace) -> None:
         print(f"| {o.variant} | {o.admitted:,} | {overshoot:,} | {overshoot / args.limit:.1%} | {o.calls:,} | "
               f"{o.stale_refusals} / {o.exceeded_refusals} | {o.lag_stale_decisions:,} | {o.unapplied_at_stop:,} | "
               f"{o.seconds:.1f} |")
-    emit({o.variant: {"admitted": o.admitted, "overshoot": max(0, o.admitted - args.limit)} for o in outcomes}
-         | {"limit": args.limit, "instances": args.instances})
+    figures: dict[str, object] = {o.variant: {"admitted": o.admitted, "overshoot": max(0, o.admitted - args.limit)}
+                                  for o in outcomes}
+    figures |= {"limit": args.limit, "instances": args.instances}
+    save_results("lag_overshoot", figures)
+    emit(figures)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from _common import REPO, broker, emit, fresh_layout, median
+from _common import REPO, broker, emit, fresh_layout, median, save_results
 
 from producer import KafkaConnection, ensure_topics
 from schemas.limits import QuotaLimit
@@ -167,6 +167,7 @@ async def main(tenants: int, rounds: int) -> None:
             f"{summary['traced_held_mb']:.1f} MB | {summary['traced_held_mb_empty']:.1f} MB | "
             f"{summary['traced_peak_mb']:.1f} MB | {summary['decide_us']:.2f} us |"
         )
+        save_results("limits_catchup", summary)
         emit(summary)
 
 
