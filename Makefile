@@ -51,12 +51,20 @@ docker-check: install
 test-unit: install
 	$(PY) -m pytest tests/unit
 
-## Benchmarks; each starts its own broker unless KAFKA_BOOTSTRAP_SERVERS is set.
-bench: install kafka-fetch
+## Every benchmark, its figures and plots in bench/results/ (<name>.json, <name>*.png); each starts its
+## own broker unless KAFKA_BOOTSTRAP_SERVERS is set. Installs the bench extra (matplotlib) and the seed
+## measured beside ours (with --no-deps: its metadata asks for the whole agent-framework meta-package).
+BENCH_STAMP := $(VENV)/.bench-stamp
+BENCHES := hot_path pipeline restore propagation overshoot lag_overshoot limits_catchup \
+	rules_aggregator rules_catchup rules_hot_path $(if $(wildcard bench/decode.py),decode)
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml constraints.txt
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[bench]'
 	$(PY) -m pip install --quiet --no-deps azureaicommunity-agent-token-guard==0.1.0
-	$(PY) bench/hot_path.py
-	$(PY) bench/pipeline.py
-	$(PY) bench/restore.py
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP) kafka-fetch
+	@set -e; for name in $(BENCHES); do echo "== bench/$$name.py"; $(PY) bench/$$name.py; done
 
 ## Regenerate schemas/json/ from the pydantic models.
 schemas: install
