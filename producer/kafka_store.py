@@ -410,6 +410,7 @@ class KafkaQuotaStore:
         snapshot = self.snapshot
         snapshot.acknowledged(event.tenant_id, event.period_key, event.total_tokens, partition, offset)
         self._acked.acknowledged(partition, offset)
+        self.feed.observe_end(partition, offset)  # a notice covering it is then known to be real
         spent = self._rule_spend.pop(event.event_id, None) if self._rule_spend else None
         if spent:
             for counter, amount in spent:
