@@ -12,8 +12,9 @@ not check the same way is checked here after decoding:
 - patterns, with ``re.fullmatch`` (msgspec would ``re.search`` with Python's ``$``, which also
   matches before a final newline; pydantic's Rust regex does not), and cheaper here than there;
 - timestamps: decoded as text, accepted only in the RFC 3339 spelling every writer of ours uses
-  (``T``, ``Z`` or ``+hh:mm``, at most six fraction digits) and parsed by ``datetime.fromisoformat``:
-  msgspec rounds a seventh digit where pydantic truncates it; other spellings go to pydantic;
+  (``T``, ``Z`` or ``+hh:mm``, at most six fraction digits, hours below 24, offset minutes below
+  60) and parsed by ``datetime.fromisoformat``: msgspec rounds a seventh digit where pydantic
+  truncates it, and ``fromisoformat`` reads ``+05:60`` as ``+06:00``; other spellings go to pydantic;
 - unknown fields are refused (``forbid_unknown_fields``), so a record from a newer producer goes to
   pydantic, which ignores them: msgspec skips an unknown value more leniently than pydantic parses
   it (nesting deeper than pydantic's limit of 200, for one).
@@ -58,10 +59,14 @@ EVENT_ID_PATTERN: Final = r"[A-Za-z0-9_-]+"
 TRACE_ID_PATTERN: Final = r"[0-9a-f]{32}"
 SPAN_ID_PATTERN: Final = r"[0-9a-f]{16}"
 
-_TIME = re.compile(
-    r"[0-9]{4}-(?:0[1-9]|1[0-2])-[0-9]{2}T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?"
-    r"(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+# Timestamps in the spellings taken here, each digit written 0 (``_DIGITS``). The digits themselves,
+# and the ranges of day, month, minute and second, are ``fromisoformat``'s to check.
+_SHAPES: Final = frozenset(
+    f"0000-00-00T00:00:00{fraction}{zone}".encode()
+    for fraction in ("", *("." + "0" * n for n in range(1, 7)))
+    for zone in ("Z", "+00:00", "-00:00")
 )
+_DIGITS: Final = bytes.maketrans(b"0123456789", b"0" * 10)
 
 
 class UsageEventStruct(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unknown_fields=True):
@@ -114,15 +119,18 @@ TOTALS_TIMES: Final = ("updated_at",)
 _usage = msgspec.json.Decoder(UsageEventStruct)
 _totals = msgspec.json.Decoder(TotalsRecordStruct)
 _fromisoformat = datetime.fromisoformat
-_match_time = _TIME.fullmatch
 _match_event_id = re.compile(EVENT_ID_PATTERN).fullmatch
 _match_trace_id = re.compile(TRACE_ID_PATTERN).fullmatch
 _match_span_id = re.compile(SPAN_ID_PATTERN).fullmatch
 
 
 def _time(text: str) -> datetime | None:
-    if _match_time(text) is None:
+    if not text.isascii() or text.encode().translate(_DIGITS) not in _SHAPES:
         return None
+    if text[-1] != "Z" and text[-2] > "5":
+        return None  # an offset's minutes of 60 or more: fromisoformat carries them into the hour
+    if text[11] == "2" and text[12] > "3":
+        return None  # hour 24: newer Pythons read it as the next day's midnight; pydantic refuses it
     try:
         return _fromisoformat(text)
     except ValueError:
