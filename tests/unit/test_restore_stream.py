@@ -32,7 +32,7 @@ from tests.restore_corpus import (
     snapshot,
     value,
 )
-from transport.murmur import murmur2, partition_of
+from transport.murmur import murmur2, murmur2_many, partition_of, partitions_of
 
 
 def streamed(records: list[Read], *, usage_ends: dict[int, int] | None, partition_count: int | None,
@@ -74,6 +74,15 @@ def test_the_corpus_exercises_every_rule() -> None:
     assert (TENANTS[3], PERIOD) not in state.totals  # tombstoned
     assert state.totals[(TENANTS[6], PERIOD)].used == 55  # tombstoned, then written again
     assert all(key in state._counter_ends for key in state.totals if key[1].startswith("rule:"))
+
+
+@pytest.mark.parametrize("batch", [1, 7, 1_000])
+def test_a_small_home_cache_changes_nothing(batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Admission, "HOMES_HELD", 5)
+    records = as_read(corpus())
+    old, old_rejected = old_restore(records, usage_ends=USAGE_ENDS, partition_count=PARTITIONS)
+    new, new_rejected = streamed(records, usage_ends=USAGE_ENDS, partition_count=PARTITIONS, batch=batch)
+    assert snapshot(new) == snapshot(old) and new_rejected == old_rejected
 
 
 def test_adopt_into_a_state_that_holds_keys_is_restore_per_key() -> None:
@@ -131,8 +140,11 @@ def test_admission_is_admissible(tenant, period, key_kind, partition, usage_part
            "other": tenant_period_key(tenant + "x", period), "none": None}[key_kind]
     record = Read(partition, 0, key, b"")
     ends = USAGE_ENDS if bounded else None
-    assert Admission(ends, partition_count).why(key, partition, totals) == admissible(
-        record, totals, ends, partition_count)
+    expected = admissible(record, totals, ends, partition_count)
+    assert Admission(ends, partition_count).why(key, partition, totals) == expected
+    learnt = Admission(ends, partition_count)
+    learnt.learn([tenant, tenant + "x"])
+    assert learnt.why(key, partition, totals) == expected
 
 
 def test_admission_keys_for_tenants_json_escapes() -> None:
@@ -158,3 +170,18 @@ def test_murmur2_is_kafkas() -> None:
 @given(st.binary(max_size=1_000))
 def test_murmur2_is_kafkas_on_any_bytes(data: bytes) -> None:
     assert murmur2(data) == aiokafka_murmur2(data)
+
+
+@given(st.lists(st.binary(max_size=48), max_size=60), st.lists(st.sampled_from([b"tenant-0000001", b"acme-corp"]),
+                                                                   max_size=20))
+def test_murmur2_many_is_murmur2_of_each(keys: list[bytes], repeated: list[bytes]) -> None:
+    mixed = keys + repeated + [k[:5] for k in keys]  # several keys of one length: the wide path
+    assert murmur2_many(mixed) == [aiokafka_murmur2(k) for k in mixed]
+    assert partitions_of(mixed, 7) == [partition_of(k, 7) for k in mixed]
+
+
+def test_murmur2_many_on_every_length() -> None:
+    rng = random.Random(15)
+    for length in range(70):
+        keys = [rng.randbytes(length) for _ in range(9)] + [b"\xff" * length]
+        assert murmur2_many(keys) == [aiokafka_murmur2(k) for k in keys], length
