@@ -20,8 +20,8 @@ writes and acknowledgements on the event loop are counted, waiting for the broke
 part (minus noop's) gives ``cpu_ratio_vs_seed``. Needs the seed package: ``pip install --no-deps azureaicommunity-agent-token-guard==0.1.0``
 (``make bench`` does it).
 
-    python bench/hot_path.py            # 9 rounds x 3,000 calls per variant
-    python bench/hot_path.py --quick    # 3 rounds x 500 calls
+    python bench/hot_path.py            # 9 rounds x 3,000 calls per variant; bench/results/hot_path.json
+    python bench/hot_path.py --quick    # 3 rounds x 500 calls; bench/results/hot_path_quick.json
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from _common import broker, emit, fresh_layout, median
+from _common import broker, emit, fresh_layout, median, save_results
 from agent_framework import Agent, ChatMiddleware
 
 from producer import KafkaConnection, KafkaQuotaStore, ProducerConfig, TokenGuardMiddleware, ensure_topics
@@ -90,7 +90,7 @@ async def time_calls(agent: Agent, middleware: Any, calls: int, store: KafkaQuot
     return samples, (time.process_time_ns() - begun) / 1000 / calls
 
 
-async def main(rounds: int, calls: int) -> None:
+async def main(rounds: int, calls: int, *, quick: bool = False) -> None:
     with broker() as bootstrap, tempfile.TemporaryDirectory() as spool_root:
         connection = KafkaConnection(bootstrap_servers=bootstrap)
         layout = fresh_layout("hotpath")
@@ -148,7 +148,7 @@ async def main(rounds: int, calls: int) -> None:
     print(f"\nratio_vs_seed = (ours - noop) / (seed - noop) = {ratio:.2f} on medians, {ratio_amortized:.2f} amortized "
           f"(the publisher's background work included); ours p99 {p99:.1f} us; "
           f"{published:,} usage events delivered to Kafka during the run")
-    emit({
+    figures = {
         "rounds": rounds, "calls_per_round": calls, "noop_us": round(med["noop"], 2), "seed_us": round(med["seed"], 2),
         "ours_us": round(med["ours"], 2), "ours_nojournal_us": round(med["ours_nojournal"], 2),
         "ours_nospool_us": round(med["ours_nospool"], 2),
@@ -158,11 +158,13 @@ async def main(rounds: int, calls: int) -> None:
         **{f"cpu_us_per_call_{name}": round(amo[name], 2) for name in names},
         **{f"own_cpu_us_per_call_{name}": round(own_amo[name], 2) for name in names if name != "noop"},
         "cpu_ratio_vs_seed": round(ratio_amortized, 3),
-    })
+    }
+    save_results("hot_path_quick" if quick else "hot_path", figures)
+    emit(figures)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3 rounds x 500 calls")
     args = parser.parse_args()
-    asyncio.run(main(3, 500) if args.quick else main(9, 3_000))
+    asyncio.run(main(3, 500, quick=True) if args.quick else main(9, 3_000))
