@@ -136,7 +136,7 @@ def main() -> None:
     print(f"usage record: pydantic {figures['usage_pydantic_us']} us, compiled {figures['usage_compiled_us']} us "
           f"({figures['usage_ratio']}x); totals record: pydantic {figures['totals_pydantic_us']} us, "
           f"compiled {figures['totals_compiled_us']} us ({figures['totals_ratio']}x)  [CPU time, medians of {rounds} rounds]")
-    save_results("decode", figures)
+    save_results("decode_quick" if args.quick else "decode", figures)
     emit(figures)
 
 
