@@ -122,6 +122,7 @@ class ChangelogFold(Generic[V]):
     """
 
     PERIODS_HELD = 10_000
+    CHUNK = 500
 
     def __init__(
         self,
@@ -140,8 +141,14 @@ class ChangelogFold(Generic[V]):
         self._topic = topic
 
     def add(self, records: Sequence[ConsumerRecord]) -> None:
-        """Fold one batch of records, in order. Decoded first, so that the tenants' home
-        partitions are hashed together; then each record is taken or refused in turn."""
+        """Fold a batch of records, in order, ``CHUNK`` at a time. Each chunk is decoded first, so
+        that its tenants' home partitions are hashed together; then each record is taken or
+        refused in turn. (A chunk's decoded records all live until its end: a small chunk keeps
+        that memory small.)"""
+        for start in range(0, len(records), self.CHUNK):
+            self._add(records[start:start + self.CHUNK])
+
+    def _add(self, records: Sequence[ConsumerRecord]) -> None:
         decoded: list[FastTotalsRecord | DecodeError | None] = []
         for record in records:
             if record.value is None:
