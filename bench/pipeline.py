@@ -243,7 +243,7 @@ async def main(count: int, rounds: int) -> None:
         )
         print(f"(this machine has {os.cpu_count()} cores; the broker runs on the same machine)")
         results_name = "pipeline" if count >= 400_000 else "pipeline_quick"
-        final = {
+        final: dict[str, object] = {
             "events": count, "rounds": rounds, "publish_eps": round(figures["publish"]),
             "getmany_eps": round(figures["getmany"]), "consumer_ceiling_eps": round(figures["ceiling"]),
             "aggregate_eps_1": round(figures["aggregate_1"]), "aggregate_eps_2": round(figures["aggregate_2"]),
