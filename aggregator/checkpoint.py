@@ -76,6 +76,27 @@ class Checkpoint:
         producer, topics = self._producer, self._topics
         futures, self._pending = self._pending, []
         # 2.
+        # Notices first: every instance waits on them, nothing waits on the changelog until the
+        # commit below, which awaits both alike.
+        for key, totals, reason in notify:
+            # The notice covers every record of its partition up to the position, not only up to
+            # this key's last event: a later notice always outranks an earlier one in a snapshot.
+            notice = QuotaNotice.model_construct(
+                type="notice",
+                tenant_id=key[0],
+                period_key=key[1],
+                state=totals.state,
+                used_tokens=totals.used,
+                limit_tokens=totals.limit,
+                usage_partition=totals.partition,
+                usage_offset=max(totals.applied_offset, state.partition_offsets.get(totals.partition, -1)),
+                reason=reason,
+                aggregator_id=self._aggregator_id,
+                emitted_at=now,
+            )
+            futures.append(await producer.send(topics.notices, encode(notice), key=tenant_period_key(*key)))
+        for key in [*clears, *(key for key, _ in expired), *(key for key, _, _ in sealed)]:
+            futures.append(await producer.send(topics.notices, None, key=tenant_period_key(*key)))
         by_partition: dict[int, list[tuple[bytes, bytes | None]]] = {}
         for key, totals in dirty:
             value = encode_fields(state.record_fields(key, totals, now))
@@ -100,25 +121,6 @@ class Checkpoint:
                 (adjustment_key(event.tenant_id, event.period_key, event.event_id), encode(record)))
         for partition, records in closed.items():
             futures.extend(await self._send_records(topics.sealed, partition, records))
-        for key, totals, reason in notify:
-            # The notice covers every record of its partition up to the position, not only up to
-            # this key's last event: a later notice always outranks an earlier one in a snapshot.
-            notice = QuotaNotice.model_construct(
-                type="notice",
-                tenant_id=key[0],
-                period_key=key[1],
-                state=totals.state,
-                used_tokens=totals.used,
-                limit_tokens=totals.limit,
-                usage_partition=totals.partition,
-                usage_offset=max(totals.applied_offset, state.partition_offsets.get(totals.partition, -1)),
-                reason=reason,
-                aggregator_id=self._aggregator_id,
-                emitted_at=now,
-            )
-            futures.append(await producer.send(topics.notices, encode(notice), key=tenant_period_key(*key)))
-        for key in [*clears, *(key for key, _ in expired), *(key for key, _, _ in sealed)]:
-            futures.append(await producer.send(topics.notices, None, key=tenant_period_key(*key)))
         # 3. A failed send raises here, before the commit: the process dies and restores, crash-only.
         await asyncio.gather(*futures)
         self.notices += len(notify)

@@ -350,7 +350,7 @@ class AggregatorService:
         """Flush when a notice waits to be published (a tenant crossed a threshold: every
         instance should know now), when the last slice found nothing more (idle: nothing to gain
         by waiting), at ``batch_max`` records or ``batch_window_ms`` after the first one."""
-        if not polled or applied >= self.config.batch_max or self.state._notify:
+        if not polled or applied >= self.config.batch_max or self.state.notices_due:
             return True
         return opened_at is not None and time.monotonic() - opened_at >= self.config.batch_window_ms / 1000
 

@@ -414,6 +414,11 @@ class TotalsState:
         if offset > self.partition_offsets.get(partition, -1):
             self.partition_offsets[partition] = offset
 
+    @property
+    def notices_due(self) -> bool:
+        """Whether a notice waits to be published: the service flushes at once then."""
+        return bool(self._notify)
+
     def take_changes(self) -> tuple[list[tuple[Key, Totals]], list[tuple[Key, Totals, str]]]:
         """(keys whose totals changed, keys to publish a notice for, with the reason) since last call."""
         dirty = [(key, self.totals[key]) for key in self._dirty]

@@ -26,6 +26,8 @@ RESTORE_TARGET_MB = 400.0
 THROUGHPUT_BARS = (
     ("getmany_eps", "bare consumer\n(getmany)"),
     ("consumer_ceiling_eps", "consumer ceiling\n(decode only)"),
+    ("librdkafka_eps", "confluent-kafka\n(consume)"),
+    ("librdkafka_decode_eps", "confluent-kafka\n(+ decode)"),
     ("aggregate_eps_1", "aggregator\n1 process"),
     ("aggregate_eps_2", "aggregator\n2 processes"),
     ("publish_eps", "publisher"),
