@@ -20,14 +20,19 @@ Key = tuple[str, str]
 
 
 class Sealer:
-    """Per partition: the keys waiting to seal (a heap by seal time), how far its records' broker
-    timestamps have got, and the time through which its periods are sealed."""
+    """Per partition: the keys waiting to seal, how far its records' broker timestamps have got,
+    and the time through which its periods are sealed.
+
+    Keys wait grouped by seal time (a heap of the distinct times, a list of keys for each): a
+    million tenants of one month share one seal time, so a key costs a list slot, not a heap
+    entry of its own."""
 
     def __init__(self, grace_s: float) -> None:
         self.grace_s = grace_s
         self.watermark: dict[int, float] = {}
         self.sealed_through: dict[int, float] = {}
-        self._waiting: dict[int, list[tuple[float, Key]]] = {}
+        self._times_due: dict[int, list[float]] = {}
+        self._waiting: dict[int, dict[float, list[Key]]] = {}
         self._times: dict[str, float | None] = {}
 
     def seal_time(self, period_key: str) -> float | None:
@@ -41,8 +46,15 @@ class Sealer:
     def track(self, partition: int, key: Key) -> None:
         """A key is held for ``partition``: it will be due at its period's seal time."""
         when = self.seal_time(key[1])
-        if when is not None:
-            heapq.heappush(self._waiting.setdefault(partition, []), (when, key))
+        if when is None:
+            return
+        waiting = self._waiting.setdefault(partition, {})
+        keys = waiting.get(when)
+        if keys is None:
+            waiting[when] = [key]
+            heapq.heappush(self._times_due.setdefault(partition, []), when)
+        else:
+            keys.append(key)
 
     def observe(self, partition: int, appended_at: float) -> None:
         if appended_at > self.watermark.get(partition, -math.inf):
@@ -63,17 +75,23 @@ class Sealer:
         read that far); the partition's periods count as sealed through it from now on."""
         if through > self.sealed_through.get(partition, -math.inf):
             self.sealed_through[partition] = through
-        waiting = self._waiting.get(partition)
+        times = self._times_due.get(partition)
         found: list[Key] = []
-        while waiting and waiting[0][0] < through:
-            found.append(heapq.heappop(waiting)[1])
+        while times and times[0] < through:
+            found.extend(self._waiting[partition].pop(heapq.heappop(times)))
         return found
 
     def partitions(self) -> list[int]:
         return list(self._waiting)
+
+    def pending(self) -> dict[int, list[tuple[float, Key]]]:
+        """Per partition, (seal time, key) of every key waiting, in order: for tests and tools."""
+        return {partition: sorted((when, key) for when, keys in waiting.items() for key in keys)
+                for partition, waiting in self._waiting.items()}
 
     def drop(self, partitions: set[int]) -> None:
         for partition in partitions:
             self.watermark.pop(partition, None)
             self.sealed_through.pop(partition, None)
             self._waiting.pop(partition, None)
+            self._times_due.pop(partition, None)

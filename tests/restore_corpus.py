@@ -154,5 +154,5 @@ def snapshot(state: TotalsState) -> dict[str, Any]:
     return {
         "totals": dict(state.totals),
         "counters": dict(state._counter_ends),
-        "sealing": {p: sorted(w) for p, w in state.sealer._waiting.items()} if state.sealer is not None else None,
+        "sealing": state.sealer.pending() if state.sealer is not None else None,
     }
