@@ -97,6 +97,7 @@ async def child(bootstrap: str, topic: str, keys: int, variant: str) -> None:
 
     from aggregator.changelog import read_changelog
     from aggregator.state import Limits, TotalsState
+    from schemas.topics import DEFAULT_SEAL_GRACE_S
     from transport.connection import KafkaConnection
 
     if variant == "streamed":
@@ -107,7 +108,8 @@ async def child(bootstrap: str, topic: str, keys: int, variant: str) -> None:
     ends = {p: keys for p in range(PARTITIONS)}  # past every applied offset written
     rejected: Counter[str] = Counter()
     started = time.perf_counter()
-    state = TotalsState(Limits())
+    # As ``tokenguard aggregator`` builds it by default: periods seal, so the sealer holds every key too.
+    state = TotalsState(Limits(), seal_grace_s=float(DEFAULT_SEAL_GRACE_S))
     if variant == "streamed":
         state.adopt(await read_state(connection, topic, set(range(PARTITIONS)), usage_ends=ends,
                                      partition_count=PARTITIONS, rejected=rejected))
