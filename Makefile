@@ -63,8 +63,15 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --no-deps azureaicommunity-agent-token-guard==0.1.0
 	@touch $(BENCH_STAMP)
 
+## `make bench BEFORE=<commit>`: pipeline, restore, propagation and overshoot also run that commit's code
+## (a worktree in .cache/) side by side on the same broker: before/after figures from one run.
+BEFORE ?=
+BEFORE_TREE := $(CURDIR)/.cache/before-$(BEFORE)
+before_args = $(if $(BEFORE),$(if $(filter pipeline restore,$(1)),--before $(BEFORE_TREE),$(if $(filter propagation overshoot,$(1)),--compare $(BEFORE_TREE))))
+
 bench: $(BENCH_STAMP) kafka-fetch
-	@set -e; for name in $(BENCHES); do echo "== bench/$$name.py"; $(PY) bench/$$name.py; done
+	@set -e; if [ -n "$(BEFORE)" ] && [ ! -d "$(BEFORE_TREE)" ]; then git worktree add --detach "$(BEFORE_TREE)" "$(BEFORE)"; fi; \
+	$(foreach name,$(BENCHES),echo "== bench/$(name).py $(call before_args,$(name))"; $(PY) bench/$(name).py $(call before_args,$(name));)
 
 ## Regenerate schemas/json/ from the pydantic models.
 schemas: install

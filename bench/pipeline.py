@@ -18,6 +18,7 @@ aggregator process, two.
 
     python bench/pipeline.py            # 400,000 events, 3 rounds
     python bench/pipeline.py --quick    # 100,000 events, 1 round
+    python bench/pipeline.py --before /tmp/base   # and one aggregator of another checkout, same topics
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from _common import REPO, broker, emit, fresh_layout, median, result_path, save_results
+from _common import REPO, broker, code_env, emit, fresh_layout, median, result_path, save_results
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from plots import plot_throughput
 
@@ -149,11 +150,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def aggregate(connection: KafkaConnection, layout: TopicLayout, processes: int, group: str) -> tuple[float, float]:
-    """(events/s, CPU microseconds per event summed over the group's processes)."""
+async def aggregate(connection: KafkaConnection, layout: TopicLayout, processes: int, group: str,
+                    code: Path = REPO) -> tuple[float, float]:
+    """(events/s, CPU microseconds per event summed over the group's processes); ``code``: the
+    checkout whose aggregator runs (another one measures an older commit on the same topic)."""
     ends = await end_offsets(connection, layout.usage)
     total = sum(ends.values())
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = code_env(code)
     logs = REPO / ".cache" / "bench-logs"
     logs.mkdir(parents=True, exist_ok=True)
     children = []
@@ -162,7 +165,7 @@ async def aggregate(connection: KafkaConnection, layout: TopicLayout, processes:
             children.append(await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "aggregator", "--bootstrap-servers", connection.bootstrap_servers,
                 "--topic-prefix", layout.prefix, "--group-id", group, "--log-level", "INFO",
-                cwd=REPO, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+                cwd=code, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
             ))
     deadline = time.perf_counter() + 300
     try:
@@ -201,12 +204,12 @@ async def aggregate(connection: KafkaConnection, layout: TopicLayout, processes:
                 print(f"an aggregator of {group} did not stop on SIGTERM; its task stacks are in {logs}", file=sys.stderr)
 
 
-async def main(count: int, rounds: int) -> None:
+async def main(count: int, rounds: int, before: Path | None) -> None:
     with broker() as bootstrap:
         connection = KafkaConnection(bootstrap_servers=bootstrap)
         events = make_events(count)
         names = ("publish", "getmany", "ceiling", "librdkafka", "librdkafka_decode", "aggregate_1", "aggregate_2",
-                 "cpu_1", "cpu_2")
+                 "cpu_1", "cpu_2", "before_1", "before_cpu_1")
         results: dict[str, list[float]] = {name: [] for name in names}
         for round_ in range(rounds):
             layout = fresh_layout(f"pipeline{round_}")
@@ -220,11 +223,19 @@ async def main(count: int, rounds: int) -> None:
                 if figure is not None:
                     results[name].append(figure)
             # The two group sizes alternate in order between rounds, so drift hits both alike.
-            order = (1, 2) if round_ % 2 == 0 else (2, 1)
-            for processes in order:
-                eps, cpu = await aggregate(connection, layout, processes, f"{layout.prefix}g{processes}")
-                results[f"aggregate_{processes}"].append(eps)
-                results[f"cpu_{processes}"].append(cpu)
+            order: tuple[int | str, ...] = (1, 2) if round_ % 2 == 0 else (2, 1)
+            if before is not None:
+                order = (*order, "before") if round_ % 2 == 0 else ("before", *order)
+            for variant in order:
+                if variant == "before":
+                    assert before is not None
+                    eps, cpu = await aggregate(connection, layout, 1, f"{layout.prefix}gb", code=before)
+                    results["before_1"].append(eps)
+                    results["before_cpu_1"].append(cpu)
+                    continue
+                eps, cpu = await aggregate(connection, layout, int(variant), f"{layout.prefix}g{variant}")
+                results[f"aggregate_{variant}"].append(eps)
+                results[f"cpu_{variant}"].append(cpu)
             print(
                 f"round {round_ + 1}: publish {results['publish'][-1]:,.0f}/s, getmany {results['getmany'][-1]:,.0f}/s, "
                 f"getmany+decode {results['ceiling'][-1]:,.0f}/s, 1 aggregator {results['aggregate_1'][-1]:,.0f}/s "
@@ -251,6 +262,12 @@ async def main(count: int, rounds: int) -> None:
             "cpu_us_per_event_1": round(figures["cpu_1"], 2), "cpu_us_per_event_2": round(figures["cpu_2"], 2),
             "cpu_ratio_2_to_1": round(cpu_ratio, 2),
         }
+        if "before_1" in figures:
+            print(f"the aggregator of {before} on the same topics: {figures['before_1']:,.0f}/s, "
+                  f"{figures['before_cpu_1']:.1f} us CPU an event (now {figures['aggregate_1'] / figures['before_1']:.2f}x "
+                  f"the events/s, {figures['cpu_1'] / figures['before_cpu_1']:.2f}x the CPU)")
+            final["before_aggregate_eps_1"] = round(figures["before_1"])
+            final["before_cpu_us_per_event_1"] = round(figures["before_cpu_1"], 2)
         if "librdkafka" in figures:
             print(f"confluent-kafka (librdkafka) consume(10000): {figures['librdkafka']:,.0f}/s alone, "
                   f"{figures['librdkafka_decode']:,.0f}/s decoding")
@@ -265,5 +282,7 @@ async def main(count: int, rounds: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="100,000 events, 1 round")
+    parser.add_argument("--before", type=Path, metavar="TREE",
+                        help="also run the aggregator of another checkout (a worktree of an older commit), one process")
     args = parser.parse_args()
-    asyncio.run(main(100_000 if args.quick else 400_000, 1 if args.quick else 3))
+    asyncio.run(main(100_000 if args.quick else 400_000, 1 if args.quick else 3, args.before))

@@ -28,6 +28,7 @@ THROUGHPUT_BARS = (
     ("consumer_ceiling_eps", "consumer ceiling\n(decode only)"),
     ("librdkafka_eps", "confluent-kafka\n(consume)"),
     ("librdkafka_decode_eps", "confluent-kafka\n(+ decode)"),
+    ("before_aggregate_eps_1", "aggregator, 1 process\n(before, --before)"),
     ("aggregate_eps_1", "aggregator\n1 process"),
     ("aggregate_eps_2", "aggregator\n2 processes"),
     ("publish_eps", "publisher"),
