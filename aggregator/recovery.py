@@ -57,7 +57,7 @@ class Compact:
         return Totals(
             record.usage_partition, record.used_tokens, record.event_count, applied,
             self._share(record.limit_tokens), _STATES[record.state],
-            None if quota is None else self._share(quota), 0,
+            None if quota is None else self._share(quota),
             applied if first == applied else first,
         )
 

@@ -117,7 +117,7 @@ def test_compact_totals_share_what_keys_have_in_common() -> None:
     assert made[0].event_quota is made[2].event_quota
     assert all(t.first_offset is t.applied_offset for t in made)
     assert made[0] == Totals(partition=home("t0"), used=100, events=3, applied_offset=10**6, limit=10**6 + 1,
-                             state="ok", event_quota=10**6 + 2, level=0, first_offset=10**6)
+                             state="ok", event_quota=10**6 + 2, first_offset=10**6)
 
 
 @settings(max_examples=300, deadline=None)
