@@ -141,7 +141,7 @@ def plot_throughput(figures: Mapping[str, object], path: Path | str, *,
     """Events per second of whichever stages the run measured, against the aggregator's target."""
     bars = [(label, float(value)) for key, label in THROUGHPUT_BARS
             if isinstance(value := figures.get(key), int | float) and not isinstance(value, bool)]
-    figure, axes = plt.subplots(figsize=(8, 4.4))
+    figure, axes = plt.subplots(figsize=(max(8.0, 1.45 * len(bars)), 4.8))
     labels = [label for label, _ in bars]
     values = [value for _, value in bars]
     drawn = axes.bar(labels, values, color="steelblue")
@@ -152,6 +152,7 @@ def plot_throughput(figures: Mapping[str, object], path: Path | str, *,
     _thousands(axes.yaxis)
     axes.grid(axis="y", alpha=0.3)
     axes.legend(loc="upper right", fontsize="small")
+    axes.set_ylim(0, max([*values, target_eps]) * 1.15)
     axes.set_title(title or "Throughput, one run")
     return _save(figure, path)
 
