@@ -26,7 +26,7 @@ Beyond a valid value whose tenant is the record's key (``schemas.wire.decode_usa
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from schemas.errors import DecodeError
@@ -51,9 +51,11 @@ class UsageRecord(Protocol):
     def headers(self) -> Sequence[tuple[str, bytes | None]]: ...
 
 
-def accept(record: UsageRecord, partitions: int) -> UsageEvent:
-    """The event, or ``DecodeError`` with the dead-letter reason."""
-    event = decode_usage_record(record.key, record.value)
+def accept(record: UsageRecord, partitions: int,
+           decode: Callable[[bytes | None, bytes | None], UsageEvent] = decode_usage_record) -> UsageEvent:
+    """The event, or ``DecodeError`` with the dead-letter reason. ``decode``: the compiled decoder
+    by default; the verifier passes the pydantic one (``wire.decode_usage_record_model``)."""
+    event = decode(record.key, record.value)
     assert record.key is not None  # decode_usage_record refuses a key other than the tenant's
     home = expected_partition(record.key, partitions)
     if home != record.partition:

@@ -2,7 +2,8 @@
 
 ``Recompute`` is deliberately simpler than the aggregator: no offsets, no windows, no restore; it
 accepts each record by the same rules (``aggregator.intake``: valid, on its key's partition, ids
-that agree), drops every repeat of a (tenant, event id) (not only those within a window), counts
+that agree), each value decided by the pydantic model itself (the aggregator's compiled decoder is
+what it judges, so not what it judges with), drops every repeat of a (tenant, event id) (not only those within a window), counts
 the same identity with other content as a conflict, and sums. Billing consumers can use it as it
 is to rebuild totals from a replay.
 """
@@ -26,6 +27,7 @@ from schemas.topics import TopicLayout
 from schemas.totals import TotalsRecord
 from schemas.usage import UsageEvent
 from schemas.windows import window_value_end
+from schemas.wire import decode_usage_record_model
 from transport.admin import committed_offsets, topic_partitions
 from transport.connection import KafkaConnection
 from transport.fetch import Unreadable
@@ -64,7 +66,7 @@ class Recompute:
         """The event if it counted; None when invalid (counted by reason) or a repeat."""
         self.records += 1
         try:
-            event = accept(record, self.partitions)
+            event = accept(record, self.partitions, decode_usage_record_model)
         except DecodeError as exc:
             self.invalid[exc.reason] += 1
             return None
