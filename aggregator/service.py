@@ -41,6 +41,7 @@ from schemas.notices import Heartbeat
 from schemas.wire import encode, heartbeat_key
 from transport.admin import (
     TopicMismatchError,
+    aiokafka_quieted,
     close_consumer,
     ensure_topics,
     retention_findings,
@@ -62,40 +63,23 @@ WAIT_PROBE_S = 5.0
 WAIT_LOG_EVERY_S = 10.0
 
 
-class _LastMessage(logging.Handler):
-    """Keeps aiokafka's last log message during a probe (why it failed) instead of printing it."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.last: str | None = None
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.levelno >= logging.WARNING:
-            self.last = record.getMessage()
-
-
 async def _cluster_answers(connection: KafkaConnection, timeout_s: float) -> str | None:
     """None when the cluster answers a metadata request within ``timeout_s``; else why not, in one
     line. aiokafka's own per-attempt errors are kept out of the log meanwhile (one line of ours
     says it all)."""
-    capture = _LastMessage()
-    logger = logging.getLogger("aiokafka")
-    logger.addHandler(capture)
-    propagate, logger.propagate = logger.propagate, False
-    client = AIOKafkaClient(**connection.client_kwargs(), client_id="tokenguard-aggregator-probe",
-                            request_timeout_ms=max(1000, int(timeout_s * 1000)))
-    try:
-        async with asyncio.timeout(timeout_s):
-            await client.bootstrap()
-        return None
-    except TimeoutError:
-        return f"no answer within {timeout_s:g}s"
-    except (KafkaError, OSError) as exc:
-        return capture.last or f"{type(exc).__name__}: {exc}"
-    finally:
-        await client.close()
-        logger.removeHandler(capture)
-        logger.propagate = propagate
+    with aiokafka_quieted() as capture:
+        client = AIOKafkaClient(**connection.client_kwargs(), client_id="tokenguard-aggregator-probe",
+                                request_timeout_ms=max(1000, int(timeout_s * 1000)))
+        try:
+            async with asyncio.timeout(timeout_s):
+                await client.bootstrap()
+            return None
+        except TimeoutError:
+            return f"no answer within {timeout_s:g}s"
+        except (KafkaError, OSError) as exc:
+            return capture.last or f"{type(exc).__name__}: {exc}"
+        finally:
+            await client.close()
 
 
 

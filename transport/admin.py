@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -194,3 +196,33 @@ async def start_consumer(consumer: AIOKafkaConsumer) -> AIOKafkaConsumer:
         await close_consumer(consumer)
         raise
     return consumer
+
+
+class LastWarning(logging.Handler):
+    """The last warning a logger emitted: aiokafka's own account of why a connection failed."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.last: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.WARNING:
+            self.last = record.getMessage()
+
+
+@contextlib.contextmanager
+def aiokafka_quieted() -> Iterator[LastWarning]:
+    """aiokafka's per-attempt warnings kept out of the log while a probe runs (the caller says it in
+    one line of its own), the last one kept for that line."""
+    capture = LastWarning()
+    logger = logging.getLogger("aiokafka")
+    logger.addHandler(capture)
+    propagate, logger.propagate = logger.propagate, False
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield capture
+    finally:
+        logger.removeHandler(capture)
+        logger.propagate = propagate
+        logger.setLevel(level)

@@ -9,7 +9,6 @@ one line on stderr, never a traceback; an unexpected exception (a bug) keeps its
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -21,6 +20,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 from aggregator.cli.output import printable
 from aggregator.errors import AggregatorError
 from schemas.errors import SchemaError
+from transport.admin import aiokafka_quieted
 from transport.connection import KafkaConnection, SettingsError
 from transport.errors import TransportError
 
@@ -70,32 +70,14 @@ class Group(click.Group):
         return list(self.commands)  # in the order they were added, not alphabetical
 
 
-class _Capture(logging.Handler):
-    """Keeps aiokafka's own account of a failed connection, for the one-line message."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.last: str | None = None
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.levelno >= logging.WARNING:
-            self.last = record.getMessage()
-
-
 async def probe(connection: KafkaConnection, timeout_s: float, *, required_topics: Sequence[str] = ()) -> None:
     """Return once the cluster answers a metadata request; ``KafkaUnreachableError`` if it does not
     within ``timeout_s``. Every command that talks to Kafka starts with it, so an unreachable
     cluster is one line and exit 3 within the timeout, whatever the command would do next.
     ``MissingTopicError`` names the first of ``required_topics`` the cluster does not have (one
     metadata request for every topic the client may describe)."""
-    capture = _Capture()
-    logger = logging.getLogger("aiokafka")
-    logger.addHandler(capture)
-    propagate, logger.propagate = logger.propagate, False
-    level = logger.level
-    logger.setLevel(logging.WARNING)
     where = connection.bootstrap_servers
-    try:
+    with aiokafka_quieted() as capture:
         client = AIOKafkaClient(**connection.client_kwargs(), client_id="tokenguard-probe",
                                 request_timeout_ms=max(1000, int(timeout_s * 1000)))
         try:
@@ -109,10 +91,6 @@ async def probe(connection: KafkaConnection, timeout_s: float, *, required_topic
             raise KafkaUnreachableError(f"cannot reach Kafka at {where}: {capture.last or exc}") from None
         finally:
             await client.close()
-    finally:
-        logger.removeHandler(capture)
-        logger.propagate = propagate
-        logger.setLevel(level)
     missing = [topic for topic in required_topics if topic not in existing]
     if missing:
         raise MissingTopicError(f"topic {missing[0]} does not exist: run `tokenguard topics create`")
