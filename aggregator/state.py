@@ -9,6 +9,7 @@ is what makes the totals exact without Kafka transactions. Duplicates that arriv
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from collections.abc import Iterable
 from datetime import datetime
@@ -30,6 +31,9 @@ from schemas.usage import UsageEvent
 from schemas.windows import window_value_end
 
 Key = tuple[str, str]
+
+# A handful of period keys recur in every event: their kind is parsed once.
+_period_kind = functools.lru_cache(maxsize=10_000)(period_kind)
 
 
 class Outcome(enum.Enum):
@@ -91,16 +95,6 @@ class Limits:
         self.per_tenant: dict[str, QuotaLimit] = {}
         self.topic_default: QuotaLimit | None = None
         self.rules = RuleBook()
-        self._kinds: dict[str, str | None] = {}
-
-    def _kind(self, period_key: str) -> str | None:
-        """``period_kind``, remembered: a handful of period keys recur in every event."""
-        kinds = self._kinds
-        if period_key not in kinds:
-            if len(kinds) >= 10_000:
-                kinds.clear()
-            kinds[period_key] = period_kind(period_key)
-        return kinds[period_key]
 
     def set(self, limit: QuotaLimit) -> None:
         if limit.tenant_id is None:
@@ -133,7 +127,7 @@ class Limits:
                 return None
             return quota_rule.limit, quota_rule.thresholds[0] if quota_rule.thresholds else 1.0
         own, default = self.per_tenant.get(tenant_id), self.topic_default
-        record = None if own is None and default is None else applicable(own, default, period_key, kind=self._kind(period_key))
+        record = None if own is None and default is None else applicable(own, default, period_key, kind=_period_kind(period_key))
         if record is not None:
             return record.limit_tokens, record.warning_ratio or self.warning_ratio
         if self.default_limit is not None:
