@@ -11,9 +11,8 @@ Kafka numbers a topic's partitions 0..n-1, so the index is the partition.
 
 from __future__ import annotations
 
-from aiokafka.partitioner import murmur2
-
 from schemas.wire import usage_key
+from transport.murmur import partition_of
 
 _cache: dict[tuple[bytes, int], int] = {}
 
@@ -24,7 +23,7 @@ def partition_for(key: bytes, partitions: int) -> int:
     if cached is None:
         if len(_cache) > 200_000:
             _cache.clear()
-        cached = _cache[(key, partitions)] = (murmur2(key) & 0x7FFFFFFF) % partitions
+        cached = _cache[(key, partitions)] = partition_of(key, partitions)
     return cached
 
 
